@@ -1,0 +1,2 @@
+instance-id: {{ container.name }}
+local-hostname: {{ container.name }}

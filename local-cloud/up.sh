@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Make the local LXD cloud usable, idempotently: packages, daemon, storage pool, NATed bridge,
+# the default profile, and the Debian 12 base image. Fast (a few lxc calls) when all is up.
+# Copes with what a SIGKILLed daemon leaves behind (stale socket, bridge, nft table, pid files).
+#
+# Environment:
+#   MODELSERVE_LXD_BRIDGE   managed bridge name            (default msbr0)
+#   MODELSERVE_LXD_SUBNET   bridge address/prefix          (default 10.87.42.1/24)
+#   MODELSERVE_LXD_POOL     storage pool (dir driver)      (default default)
+#   MODELSERVE_SKIP_BASE=1  do not build/import the base image
+set -Eeuo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=SCRIPTDIR/common.sh
+source "$here/common.sh"
+
+BRIDGE="${MODELSERVE_LXD_BRIDGE:-msbr0}"
+SUBNET="${MODELSERVE_LXD_SUBNET:-10.87.42.1/24}"
+POOL="${MODELSERVE_LXD_POOL:-default}"
+LXD_LOG_DIR=/var/log/lxd
+
+ensure_packages() {
+  local missing=() cmd pkg
+  for cmd in lxd:lxd lxc:lxd-client mmdebstrap:mmdebstrap nft:nftables dnsmasq:dnsmasq-base \
+             zstd:zstd packer:packer shellcheck:shellcheck; do
+    command -v "${cmd%%:*}" >/dev/null 2>&1 || missing+=("${cmd#*:}")
+  done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    retry 3 apt-get update -q
+    retry 3 apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  for pkg in lxd lxc mmdebstrap nft dnsmasq zstd; do
+    command -v "$pkg" >/dev/null || die "$pkg is still missing after apt-get install"
+  done
+}
+
+lxd_answers() { timeout 15 lxc query /1.0 >/dev/null 2>&1; }
+
+ensure_daemon() {
+  lxd_answers && return 0
+  if pgrep -x lxd >/dev/null; then
+    log "an lxd process exists but does not answer yet; waiting for it"
+  else
+    log "starting the LXD daemon (no systemd here)"
+    mkdir -p "$LXD_LOG_DIR"
+    # A SIGKILLed daemon leaves its socket behind; nobody listens on it any more.
+    rm -f /var/lib/lxd/unix.socket
+    setsid lxd --group root --logfile "$LXD_LOG_DIR/lxd.log" \
+      </dev/null >>"$LXD_LOG_DIR/lxd.stdout" 2>&1 &
+  fi
+  timeout 120 lxd waitready --timeout=110 \
+    || die "LXD did not become ready in 120 s; see $LXD_LOG_DIR/lxd.log"
+  lxd_answers || die "LXD is running but 'lxc query /1.0' fails; see $LXD_LOG_DIR/lxd.log"
+}
+
+check_subnet() {
+  local net="${SUBNET%.*}."   # crude /24 prefix match, enough for the clash check
+  if ip -4 route show | grep -v " dev $BRIDGE " | grep -qF "$net"; then
+    die "subnet $SUBNET clashes with a host route; set MODELSERVE_LXD_SUBNET to a free /24"
+  fi
+}
+
+configured() {
+  lxc storage show "$POOL" >/dev/null 2>&1 || return 1
+  [[ "$(lxc network get "$BRIDGE" ipv4.address 2>/dev/null)" == "$SUBNET" ]] || return 1
+  [[ "$(lxc network get "$BRIDGE" ipv4.nat 2>/dev/null)" == "true" ]] || return 1
+  [[ "$(lxc profile device get default eth0 network 2>/dev/null)" == "$BRIDGE" ]] || return 1
+  [[ "$(lxc profile device get default root pool 2>/dev/null)" == "$POOL" ]] || return 1
+  [[ "$(lxc config get images.compression_algorithm 2>/dev/null)" == "$COMPRESSION" ]] || return 1
+}
+
+ensure_config() {
+  configured && return 0
+  check_subnet
+  log "lxd init --preseed (pool $POOL, bridge $BRIDGE $SUBNET, NAT on)"
+  lxd init --preseed <<YAML
+config:
+  images.auto_update_interval: "0"
+  images.compression_algorithm: $COMPRESSION
+networks:
+- name: $BRIDGE
+  type: bridge
+  config:
+    ipv4.address: $SUBNET
+    ipv4.nat: "true"
+    ipv6.address: none
+storage_pools:
+- name: $POOL
+  driver: dir
+profiles:
+- name: default
+  devices:
+    eth0:
+      name: eth0
+      network: $BRIDGE
+      type: nic
+    root:
+      path: /
+      pool: $POOL
+      type: disk
+YAML
+  configured || die "LXD configuration did not take; see 'lxc network show $BRIDGE'"
+}
+
+main() {
+  [[ $EUID -eq 0 ]] || die "run as root (LXD daemon and bridge set-up)"
+  local t0=$SECONDS
+  exec 9>/run/lock/modelserve-local-cloud.lock
+  flock -w 900 9 || die "another local-cloud set-up holds /run/lock/modelserve-local-cloud.lock"
+  ensure_packages
+  ensure_daemon
+  ensure_config
+  if [[ "${MODELSERVE_SKIP_BASE:-0}" != 1 ]]; then
+    "$here/build-base.sh"
+  fi
+  log "local LXD cloud ready: bridge $BRIDGE ($SUBNET), pool $POOL, base $BASE_ALIAS ($((SECONDS - t0)) s)"
+}
+
+main "$@"
