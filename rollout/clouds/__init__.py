@@ -1,0 +1,26 @@
+"""Cloud implementations behind one protocol (see base.py); ``open_cloud`` picks one."""
+
+from __future__ import annotations
+
+import os
+
+from rollout.clouds.base import Cloud
+
+
+def default_cloud_name() -> str:
+    """openstack when OS_CLOUD is set (or OS_AUTH_URL), else the local LXD cloud."""
+    return "openstack" if os.environ.get("OS_CLOUD") or os.environ.get("OS_AUTH_URL") else "lxd"
+
+
+def open_cloud(name: str | None = None, **options: object) -> Cloud:
+    """Construct the named cloud; only here are the SDK modules imported (lazily)."""
+    name = name or default_cloud_name()
+    if name == "lxd":
+        from rollout.clouds.lxd import LXDCloud
+
+        return LXDCloud(**options)  # type: ignore[arg-type]
+    if name == "openstack":
+        from rollout.clouds.openstack import OpenStackCloud
+
+        return OpenStackCloud(**options)  # type: ignore[arg-type]
+    raise ValueError(f"unknown cloud {name!r} (choose lxd or openstack)")

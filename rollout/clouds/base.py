@@ -1,0 +1,336 @@
+"""The ``Cloud`` protocol and the frozen facts the rollout tool observes.
+
+Two implementations: ``clouds/lxd.py`` (the local default) and ``clouds/openstack.py``. Only
+those modules import their SDK; everything else (planner, executor, CLI, tests) speaks this
+protocol.
+
+Verb grammar (openstacksdk's):
+  ``find_*``      returns the resource or None;
+  ``get_*``       returns the resource or raises ``NotFound``;
+  ``list_*``      returns a (possibly empty) list, newest first where it says so;
+  ``create_*``    starts creating and returns at once (the resource may still be building);
+  ``wait_for_*``  polls ``get_*`` until the wanted state, raising ``WaitTimeout`` (time is up),
+                  ``CloudError`` (the resource went to ERROR: permanent);
+  ``delete_*``    deletes; with ``ignore_missing=True`` (the default) a missing resource is not
+                  an error. Deletes do not wait unless they say so.
+Errors: implementations raise only ``rollout.errors`` classes: ``TransientCloudError`` for what
+is worth retrying (timeouts, HTTP 5xx, connection errors, 409 "busy"), ``Conflict`` when a
+compare-and-swap loses, ``NotFound``, and ``CloudError`` for anything permanent. Retrying is
+the caller's job (rollout/retry.py): implementations make ONE attempt per call.
+
+Where the state lives (no local state file; any operator on any machine sees the same truth):
+
+* Release = an image carrying the property ``modelserve_release`` (set at bake time, with
+  ``modelserve_git_sha``, ``modelserve_app_version``, ``modelserve_model_sha256``,
+  ``modelserve_model_accuracy``, ``modelserve_built_at``). LXD: image properties, alias
+  ``modelserve-<release>``. OpenStack: Glance image properties, name ``modelserve-<release>``.
+* Instance = a container/server carrying labels ``INSTANCE_LABELS`` (all strings).
+  LXD: instance config keys ``user.modelserve.<label>``. OpenStack: Nova server metadata
+  ``modelserve_<label>`` plus the tags ``modelserve`` and ``modelserve-env-<env>`` so that
+  listing by environment is one filtered call.
+* FloatingIP = one per environment, the address users hit. LXD: a network forward on the
+  managed bridge (``listen_address`` = the floating address, default ``target_address`` = the
+  live front's IPv4). OpenStack: a Neutron floating IP, ``port_id`` = the live front's port.
+  It also carries the environment's small mutable state, ``FipState`` (live release, previous
+  release = rollback target, lock). LXD keeps it in forward config keys
+  ``user.modelserve.<field>``; OpenStack in the floating IP's ``description`` as compact JSON
+  (``FipState.encode()``, < 255 chars) plus the tag ``modelserve-env-<env>``.
+  Every change of target and/or state is ONE full update guarded by ``if_revision``
+  (LXD: ETag / If-Match on PUT; Neutron: ``update_ip(..., if_revision=revision_number)``), so
+  two operators can never both win. The target is never removed and re-added (a switch is one
+  update: requests in flight keep flowing; see shared/DESIGN.md).
+* History = short events (``HistoryEvent``) appended best-effort after a switch; LXD keeps the
+  last ``HISTORY_KEEP`` in the forward config key ``user.modelserve.history`` (JSON list),
+  OpenStack as floating-IP tags ``h:<encoded event>`` (oldest dropped beyond the limit).
+
+The lock: ``FipState.lock`` is taken by a CAS update of the floating IP (lock empty -> ours)
+before a deploy/rollback observes the world, and released by a CAS update at the end.
+A second deploy sees it set and fails fast with ``DeployLocked`` (holder, since, deploy id).
+Breaking a stale lock is explicit (``cleanup --break-lock``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
+
+from rollout.errors import NotFound, WaitTimeout  # noqa: F401  (re-exported for implementers)
+
+#: Labels every instance launched by rollout carries (values are short strings).
+INSTANCE_LABELS = ("env", "release", "colour", "role", "deploy_id", "created_at")
+#: Image properties a release carries (``modelserve_`` prefix on the cloud).
+RELEASE_PROPERTIES = (
+    "release",
+    "git_sha",
+    "app_version",
+    "model_sha256",
+    "model_accuracy",
+    "built_at",
+)
+HISTORY_KEEP = 20
+APP_PORT = 8080
+
+# Instance status, normalised by every implementation.
+RUNNING = "RUNNING"  # booted and has an address (LXD Running + IPv4; Nova ACTIVE)
+BUILDING = "BUILDING"  # being created/started, no address yet
+STOPPED = "STOPPED"  # exists but not running (LXD Stopped; Nova SHUTOFF)
+ERROR = "ERROR"  # failed permanently (Nova ERROR; LXD Error)
+
+
+@dataclass(frozen=True)
+class Release:
+    """One baked image of the app: what a deploy launches."""
+
+    id: str  # LXD image fingerprint / Glance image id
+    name: str  # modelserve-<release> (LXD alias / Glance name)
+    release: str  # modelserve_release
+    model_sha256: str
+    model_accuracy: float | None = None
+    git_sha: str = ""
+    app_version: str = ""
+    built_at: str = ""  # ISO-8601 UTC; newest-first ordering uses it (then name)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One server launched from a release, with the labels rollout put on it."""
+
+    id: str  # LXD instance name / Nova server id (what get_/delete_instance take)
+    name: str  # ms-<env>-<release>-<role><n>-<deploy6>
+    env: str
+    release: str
+    colour: str  # blue | green
+    role: str  # front | worker
+    deploy_id: str
+    status: str  # RUNNING | BUILDING | STOPPED | ERROR
+    address: str | None = None  # fixed IPv4 the operator's machine can reach (health gate)
+    port: str | None = None  # what a FloatingIP targets: Neutron port id / LXD IPv4
+    created_at: str = ""  # ISO-8601 UTC, from the label
+    fault: str = ""  # the cloud's error text when status is ERROR
+
+
+@dataclass(frozen=True)
+class Lock:
+    """Who holds an environment's deploy lock."""
+
+    holder: str  # user@host:pid
+    since: str  # ISO-8601 UTC
+    deploy_id: str
+
+
+@dataclass(frozen=True)
+class FipState:
+    """The environment's mutable state, stored on its floating IP (see module doc)."""
+
+    live: str = ""  # release the floating IP serves (informational; target is the truth)
+    previous: str = ""  # rollback target
+    lock: Lock | None = None
+
+    def encode(self) -> str:
+        """Compact JSON (< 255 chars for sane ids) for clouds that keep it in one string."""
+        d: dict[str, str] = {}
+        if self.live:
+            d["l"] = self.live
+        if self.previous:
+            d["p"] = self.previous
+        if self.lock:
+            d["k"] = f"{self.lock.holder}|{self.lock.since}|{self.lock.deploy_id}"
+        return json.dumps(d, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def decode(cls, text: str | None) -> FipState:
+        """Inverse of ``encode``; empty/garbage text decodes to the empty state."""
+        try:
+            d = json.loads(text or "{}")
+        except ValueError:
+            return cls()
+        if not isinstance(d, dict):
+            return cls()
+        lock = None
+        if d.get("k"):
+            holder, since, deploy_id = (str(d["k"]).split("|") + ["", "", ""])[:3]
+            lock = Lock(holder, since, deploy_id)
+        return cls(live=str(d.get("l", "")), previous=str(d.get("p", "")), lock=lock)
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One switch of the floating IP (deploy or rollback), newest last in lists."""
+
+    at: str  # ISO-8601 UTC
+    action: str  # deploy | rollback
+    release: str  # the release switched to
+    from_release: str = ""
+    deploy_id: str = ""
+
+    def encode(self) -> str:
+        """``at;action;release;from;deploy_id`` — short enough for a Neutron tag."""
+        return ";".join([self.at, self.action, self.release, self.from_release, self.deploy_id])
+
+    @classmethod
+    def decode(cls, text: str) -> HistoryEvent:
+        """Inverse of ``encode``."""
+        parts = (text.split(";") + [""] * 5)[:5]
+        return cls(*parts)
+
+
+@dataclass(frozen=True)
+class FloatingIP:
+    """The per-environment address users hit, and the state stored on it."""
+
+    id: str  # LXD: the listen address; Neutron: floating IP id
+    address: str  # the address users hit
+    env: str
+    target: str | None  # the port it points at (Instance.port) or None when unassigned
+    revision: str  # opaque CAS token: LXD ETag / Neutron revision_number as str
+    state: FipState = field(default_factory=FipState)
+    history: tuple[HistoryEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What ``create_instance`` needs: everything is decided by the executor beforehand."""
+
+    name: str
+    release: Release
+    labels: Mapping[str, str]  # exactly INSTANCE_LABELS
+    user_data: str  # the rendered #cloud-config (rollout/seed.py); plain text, not base64
+    flavor: str = ""  # OpenStack flavor name; LXD: ignored (limits come from the profile)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Everything observed about one environment: the planner's only input from the cloud."""
+
+    env: str
+    fip: FloatingIP | None
+    releases: tuple[Release, ...]  # all images, newest first
+    instances: tuple[Instance, ...]  # this env's instances
+
+    @property
+    def live_instance(self) -> Instance | None:
+        """The front the floating IP points at, if any."""
+        if not self.fip or not self.fip.target:
+            return None
+        return next((i for i in self.instances if i.port == self.fip.target), None)
+
+    @property
+    def live(self) -> str | None:
+        """The release that serves traffic now (from the floating IP's real target)."""
+        inst = self.live_instance
+        return inst.release if inst else None
+
+    @property
+    def previous(self) -> str | None:
+        """The rollback target recorded on the floating IP."""
+        return (self.fip.state.previous or None) if self.fip else None
+
+    def release(self, name: str) -> Release | None:
+        """The image for a release name, if it exists."""
+        return next((r for r in self.releases if r.release == name), None)
+
+    def instances_of(self, release: str) -> tuple[Instance, ...]:
+        """This env's instances of one release."""
+        return tuple(i for i in self.instances if i.release == release)
+
+    def with_fip(self, fip: FloatingIP | None) -> Deployment:
+        """A copy with another floating IP (used by the executor after a switch)."""
+        return replace(self, fip=fip)
+
+
+@runtime_checkable
+class Cloud(Protocol):
+    """What rollout needs from a cloud. One attempt per call; see the module doc."""
+
+    name: str  # "lxd" | "openstack"
+
+    # -- releases (images) -------------------------------------------------------------
+    def list_releases(self) -> list[Release]:
+        """Every image with a ``modelserve_release`` property, newest (built_at) first."""
+
+    def find_release(self, release: str) -> Release | None:
+        """The image whose ``modelserve_release`` equals ``release``, or None."""
+
+    def delete_release(self, release: Release, *, ignore_missing: bool = True) -> None:
+        """Delete the image (never called for the live release or the rollback target)."""
+
+    # -- instances ----------------------------------------------------------------------
+    def list_instances(self, env: str) -> list[Instance]:
+        """Every instance labelled with ``env`` (any status), oldest first."""
+
+    def find_instance(self, instance_id: str) -> Instance | None:
+        """One instance by id, or None."""
+
+    def get_instance(self, instance_id: str) -> Instance:
+        """One instance by id, or ``NotFound``."""
+
+    def create_instance(self, spec: InstanceSpec) -> Instance:
+        """Create and start an instance from ``spec.release`` with ``spec.user_data`` as its
+        NoCloud user-data and ``spec.labels`` as its labels. Returns at once (BUILDING is
+        fine); on failure removes whatever it half-created before raising."""
+
+    def wait_for_instance(self, instance_id: str, *, timeout: float) -> Instance:
+        """Poll until RUNNING with an address; ``CloudError`` on ERROR, ``WaitTimeout``."""
+
+    def delete_instance(self, instance_id: str, *, ignore_missing: bool = True) -> None:
+        """Stop (forcefully) and delete an instance."""
+
+    # -- floating IP -----------------------------------------------------------------------
+    def find_floating_ip(self, env: str) -> FloatingIP | None:
+        """The environment's floating IP, or None."""
+
+    def create_floating_ip(self, env: str, address: str | None = None) -> FloatingIP:
+        """Allocate the environment's floating IP (unassigned, empty state). ``address``
+        picks it where the cloud allows; None = the cloud's choice/default for ``env``."""
+
+    def update_floating_ip(
+        self,
+        fip: FloatingIP,
+        *,
+        target: str | None,
+        state: FipState,
+        if_revision: str,
+    ) -> FloatingIP:
+        """ONE full update of target + state, only if the revision is still
+        ``if_revision``; else ``Conflict``. ``target`` None keeps it unassigned. Returns the
+        new FloatingIP (new revision)."""
+
+    def record_event(self, fip: FloatingIP, event: HistoryEvent) -> None:
+        """Append a history event (best effort, not CAS-guarded; keeps HISTORY_KEEP)."""
+
+    def delete_floating_ip(self, fip: FloatingIP, *, ignore_missing: bool = True) -> None:
+        """Release the environment's floating IP."""
+
+
+def by_newest(releases: Sequence[Release]) -> list[Release]:
+    """Releases sorted newest first (built_at, then name) — the order ``list_releases`` uses."""
+    return sorted(releases, key=lambda r: (r.built_at, r.name), reverse=True)
+
+
+class CloudBase:
+    """Shared behaviour for implementations: ``wait_for_instance`` from ``get_instance``.
+
+    Subclasses set ``self.sleep`` (tests inject a no-op) and implement the rest of ``Cloud``.
+    """
+
+    sleep = staticmethod(time.sleep)
+
+    def wait_for_instance(self, instance_id: str, *, timeout: float) -> Instance:
+        """Poll ``get_instance`` (INSTANCE_BOOT policy) until RUNNING with an address."""
+        from rollout.errors import CloudError
+        from rollout.retry import INSTANCE_BOOT, NotReady
+
+        def ready() -> Instance:
+            inst = self.get_instance(instance_id)  # type: ignore[attr-defined]
+            if inst.status == ERROR:
+                raise CloudError(f"instance {inst.name} went to ERROR: {inst.fault or '?'}")
+            if inst.status != RUNNING or not inst.address or not inst.port:
+                raise NotReady(f"instance {inst.name} is {inst.status}, address={inst.address}")
+            return inst
+
+        return INSTANCE_BOOT.with_budget(timeout).run(
+            ready, sleep=self.sleep, what=f"waiting for instance {instance_id}"
+        )
