@@ -47,6 +47,8 @@ The lock: ``FipState.lock`` is taken by a CAS update of the floating IP (lock em
 before a deploy/rollback observes the world, and released by a CAS update at the end.
 A second deploy sees it set and fails fast with ``DeployLocked`` (holder, since, deploy id).
 Breaking a stale lock is explicit (``cleanup --break-lock``).
+LXD note: LXD 5.0 ignores If-Match on network forwards, so lxd.py makes the compare-and-swap
+real with a short-lived mutex (creating a profile is atomic: a second create gets 409).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from typing import Protocol, runtime_checkable
 from rollout.errors import NotFound, WaitTimeout  # noqa: F401  (re-exported for implementers)
 
 #: Labels every instance launched by rollout carries (values are short strings).
-INSTANCE_LABELS = ("env", "release", "colour", "role", "deploy_id", "created_at")
+INSTANCE_LABELS = ("env", "release", "colour", "role", "deploy_id", "created_at", "model_sha256")
 #: Image properties a release carries (``modelserve_`` prefix on the cloud).
 RELEASE_PROPERTIES = (
     "release",
@@ -109,6 +111,7 @@ class Instance:
     address: str | None = None  # fixed IPv4 the operator's machine can reach (health gate)
     port: str | None = None  # what a FloatingIP targets: Neutron port id / LXD IPv4
     created_at: str = ""  # ISO-8601 UTC, from the label
+    model_sha256: str = ""  # from the label: the gate still works if the image is deleted
     fault: str = ""  # the cloud's error text when status is ERROR
 
 
@@ -258,8 +261,9 @@ class Cloud(Protocol):
         """Delete the image (never called for the live release or the rollback target)."""
 
     # -- instances ----------------------------------------------------------------------
-    def list_instances(self, env: str) -> list[Instance]:
-        """Every instance labelled with ``env`` (any status), oldest first."""
+    def list_instances(self, env: str | None) -> list[Instance]:
+        """Every rollout instance labelled with ``env`` (None: of every env), any status,
+        oldest first."""
 
     def find_instance(self, instance_id: str) -> Instance | None:
         """One instance by id, or None."""
