@@ -1,0 +1,153 @@
+"""Configuration from the environment and the instance config file the cloud-init seed writes.
+
+Precedence: environment variables, then the instance file (default /etc/modelserve/instance.env,
+overridable with MODELSERVE_INSTANCE_ENV), then defaults. A missing or malformed key raises
+ConfigError whose message names the key; entry points turn it into one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_INSTANCE_ENV = "/etc/modelserve/instance.env"
+ROLES = ("front", "worker")
+COLOURS = ("blue", "green", "none")
+_LINE = re.compile(r"^\s*(?:export\s+)?([A-Z][A-Z0-9_]*)\s*=\s*(.*?)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration key is missing or malformed; the message names it."""
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines (optional quotes, # comments). Malformed lines are errors."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read instance config: {exc.strerror}") from exc
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        match = _LINE.match(raw)
+        if not match:
+            raise ConfigError(f"{path}:{lineno}: malformed line (expected KEY=VALUE)")
+        key, value = match.groups()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _int(src: Mapping[str, str], key: str, default: int, lo: int, hi: int) -> int:
+    raw = src.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: must be an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value}: must be between {lo} and {hi}")
+    return value
+
+
+def _float(src: Mapping[str, str], key: str, default: float, lo: float, hi: float) -> float:
+    raw = src.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: must be a number") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value}: must be between {lo} and {hi}")
+    return value
+
+
+def _choice(src: Mapping[str, str], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = src.get(key) or default
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+def _url(src: Mapping[str, str], key: str, schemes: tuple[str, ...]) -> str:
+    value = src.get(key)
+    if not value:
+        raise ConfigError(f"{key} is required (set it in the environment or the instance config)")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{key}: not a valid URL") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{key}: must be a {'/'.join(schemes)} URL with a host")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a web or worker process needs; built by load_config()."""
+
+    broker_url: str
+    result_url: str
+    role: str = "front"
+    colour: str = "none"
+    release: str = "dev"
+    deploy_id: str = ""
+    env: str = "dev"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    web_threads: int = 32
+    worker_concurrency: int = 2
+    max_batch_rows: int = 10_000
+    max_body_bytes: int = 4 * 1024 * 1024
+    predict_timeout: float = 10.0
+    dispatch_threads: int = 4
+    batch_rows: int = 512
+    bundle_dir: str = ""
+    source: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def public(self) -> dict[str, str]:
+        """Instance identity for /version (no credentials)."""
+        return {"release": self.release, "colour": self.colour, "role": self.role,
+                "deploy_id": self.deploy_id, "env": self.env}
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Merge the instance file and the environment into a validated Config."""
+    environ = os.environ if environ is None else environ
+    path = Path(environ.get("MODELSERVE_INSTANCE_ENV", DEFAULT_INSTANCE_ENV))
+    src: dict[str, str] = {**read_env_file(path), **{k: v for k, v in environ.items()
+                                                     if k.startswith("MODELSERVE_")}}
+    release = src.get("MODELSERVE_RELEASE") or "dev"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", release):
+        raise ConfigError(f"MODELSERVE_RELEASE={release!r}: letters, digits, '.', '_', '-' only")
+    return Config(
+        broker_url=_url(src, "MODELSERVE_BROKER_URL", ("amqp", "pyamqp")),
+        result_url=_url(src, "MODELSERVE_RESULT_URL", ("redis",)),
+        role=_choice(src, "MODELSERVE_ROLE", "front", ROLES),
+        colour=_choice(src, "MODELSERVE_COLOUR", "none", COLOURS),
+        release=release,
+        deploy_id=src.get("MODELSERVE_DEPLOY_ID", ""),
+        env=src.get("MODELSERVE_ENV", "dev"),
+        host=src.get("MODELSERVE_HOST", "0.0.0.0"),
+        port=_int(src, "MODELSERVE_PORT", 8080, 1, 65535),
+        web_threads=_int(src, "MODELSERVE_WEB_THREADS", 32, 1, 512),
+        worker_concurrency=_int(src, "MODELSERVE_WORKER_CONCURRENCY", os.cpu_count() or 2, 1, 256),
+        max_batch_rows=_int(src, "MODELSERVE_MAX_BATCH_ROWS", 10_000, 1, 1_000_000),
+        max_body_bytes=_int(src, "MODELSERVE_MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1 << 30),
+        predict_timeout=_float(src, "MODELSERVE_PREDICT_TIMEOUT", 10.0, 0.1, 600.0),
+        dispatch_threads=_int(src, "MODELSERVE_DISPATCH_THREADS", 4, 1, 64),
+        batch_rows=_int(src, "MODELSERVE_BATCH_ROWS", 512, 1, 1_000_000),
+        bundle_dir=src.get("MODELSERVE_BUNDLE_DIR", ""),
+        source=src,
+    )

@@ -1,0 +1,35 @@
+"""Celery tasks. TensorFlow is imported only inside worker processes, after fork."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from celery.signals import worker_process_init
+
+from app.bundle import load_bundle
+from app.celery_app import PREDICT_TASK
+
+_bundle_dir: str = ""
+
+
+def configure(bundle_dir: str) -> None:
+    """Set the bundle the worker processes load (called by app.worker before forking)."""
+    global _bundle_dir
+    _bundle_dir = bundle_dir
+
+
+def _runtime():
+    from app.runtime import get_runtime
+
+    return get_runtime(load_bundle(_bundle_dir or None, verify=True))
+
+
+@worker_process_init.connect
+def _load_model_after_fork(**_kwargs) -> None:
+    _runtime()
+
+
+@shared_task(name=PREDICT_TASK, acks_late=True, reject_on_worker_lost=True)
+def predict(rows: list[list[float]]) -> dict:
+    """Score a batch of rows (feature order) → probabilities and the model's sha256."""
+    runtime = _runtime()
+    return {"probabilities": runtime.predict(rows), "sha256": runtime.sha256}

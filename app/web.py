@@ -1,0 +1,238 @@
+"""Flask app factory: the model page, the prediction API, health, version and metrics.
+
+The web process never imports TensorFlow: predictions go through `BrokerClient` (RabbitMQ →
+Celery worker) and everything shown about the model comes from the bundle's metadata.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, g, jsonify, render_template, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from app import __version__
+from app.bundle import Bundle, load_bundle
+from app.config import Config, load_config
+from app.dispatch import Unavailable
+from app.metrics import Metrics
+from app.schema import ValidationError, parse_json, validate_instances
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+READY_CACHE_SECONDS = 2.0
+
+api = Blueprint("api", __name__)
+pages = Blueprint("pages", __name__)
+
+
+def _state() -> dict[str, Any]:
+    return current_app.extensions["modelserve"]
+
+
+def _error(status: int, type_: str, message: str, **extra: Any):
+    return jsonify({"error": {"type": type_, "message": message, **extra}}), status
+
+
+def _format(probabilities: list[float], sha256: str, bundle: Bundle) -> dict[str, Any]:
+    threshold = bundle.threshold
+    return {
+        "predictions": [{"probability": round(p, 6), "label": int(p >= threshold)}
+                        for p in probabilities],
+        "model": {"version": bundle.version, "sha256": sha256},
+    }
+
+
+@api.post("/api/v1/predictions")
+def predictions():
+    """Score 1..max rows; 200 with predictions, or 202 + task URL with ?async=true."""
+    state = _state()
+    bundle, config = state["bundle"], state["config"]
+    mode = request.args.get("async", "false").lower()
+    if mode not in ("true", "false", "1", "0"):
+        raise ValidationError("async", "boolean", "async must be true or false")
+    unknown = sorted(set(request.args) - {"async"})
+    if unknown:
+        raise ValidationError(unknown[0], "unknown_parameter", f"unknown query parameter {unknown[0]!r}")
+    payload = parse_json(request.get_data(cache=False), request.content_type)
+    rows = validate_instances(payload, bundle.metadata["features"], config.max_batch_rows)
+    client = state["client"]
+    if mode in ("true", "1"):
+        task_id = client.submit_async(rows)
+        url = f"/api/v1/tasks/{task_id}"
+        return jsonify({"task_id": task_id, "status_url": url, "rows": len(rows)}), 202, {
+            "Location": url}
+    probabilities, sha256 = client.predict(rows)
+    return jsonify(_format(probabilities, sha256, bundle))
+
+
+@api.get("/api/v1/tasks/<task_id>")
+def task(task_id: str):
+    """Status of an async prediction; the predictions once it has succeeded."""
+    if not _UUID.match(task_id):
+        raise ValidationError("task_id", "uuid", "task_id must be a lowercase UUID", status=404)
+    status = _state()["client"].task_status(task_id)
+    if status is None:
+        return _error(404, "not_found", f"no task {task_id} (unknown, or its result expired)",
+                      field="task_id")
+    body: dict[str, Any] = {"task_id": task_id, "state": status["state"]}
+    if "result" in status:
+        res = status["result"]
+        body.update(_format(res["probabilities"], res["sha256"], _state()["bundle"]))
+    if "error" in status:
+        body["error"] = status["error"]
+    return jsonify(body)
+
+
+@api.get("/api/v1/model")
+def model():
+    """The bundle's metadata (without the held-out sample)."""
+    return jsonify(_state()["bundle"].public_metadata())
+
+
+@api.get("/healthz")
+def healthz():
+    """The process is alive."""
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz():
+    """Broker reachable, a worker answers, the model is loaded and a smoke prediction is right."""
+    state = _state()
+    cached = state.get("ready_until", 0.0)
+    if cached > time.monotonic():
+        return jsonify({"status": "ready", "cached": True})
+    client, bundle = state["client"], state["bundle"]
+    sample = bundle.metadata["holdout_sample"][0]
+    row = [float(sample["features"][n]) for n in bundle.feature_names]
+    checks: dict[str, str] = {}
+    try:
+        check = "broker"
+        client.check_broker()
+        checks[check] = "ok"
+        check = "workers"
+        checks[check] = f"{client.check_workers()} answering"
+        check = "model"
+        probabilities, sha256 = client.predict([row])
+        if sha256 != bundle.sha256:
+            raise Unavailable(f"workers serve model {sha256[:12]}, this release ships "
+                              f"{bundle.sha256[:12]}")
+        checks[check] = f"sha256 {sha256[:12]} loaded"
+        check = "smoke_prediction"
+        if abs(probabilities[0] - sample["probability"]) > 1e-4:
+            raise Unavailable(f"smoke prediction {probabilities[0]:.6f} != bundle's "
+                              f"{sample['probability']:.6f}")
+        checks[check] = "ok"
+    except Unavailable as exc:
+        checks[check] = str(exc)
+        return jsonify({"status": "unavailable", "failed": check, "checks": checks}), 503
+    state["ready_until"] = time.monotonic() + READY_CACHE_SECONDS
+    return jsonify({"status": "ready", "checks": checks})
+
+
+@api.get("/version")
+def version():
+    """Release, colour, role and model identity of this instance."""
+    state = _state()
+    bundle: Bundle = state["bundle"]
+    return jsonify({**state["config"].public(), "app_version": __version__,
+                    "model_version": bundle.version, "model_sha256": bundle.sha256})
+
+
+@api.get("/metrics")
+def metrics():
+    """Prometheus exposition."""
+    state = _state()
+    depth = state["client"].queue_depth()
+    state["metrics"].queue_depth.set(-1 if depth is None else depth)
+    return generate_latest(state["metrics"].registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+
+@pages.route("/", methods=["GET", "POST"])
+def index():
+    """The model page: metrics, the held-out table and a form to score one patient."""
+    state = _state()
+    bundle: Bundle = state["bundle"]
+    result = error = None
+    values: dict[str, str] = {}
+    status = 200
+    if request.method == "POST":
+        values = {n: request.form.get(n, "").strip() for n in bundle.feature_names}
+        try:
+            row = {}
+            for f in bundle.metadata["features"]:
+                raw = values[f["name"]]
+                try:
+                    row[f["name"]] = float(raw) if raw else None
+                except ValueError:
+                    raise ValidationError(f["name"], "type", f"{f['name']} must be a number") from None
+                if row[f["name"]] is None:
+                    raise ValidationError(f["name"], "required", f"{f['name']} is required")
+            rows = validate_instances({"instances": [row]}, bundle.metadata["features"], 1)
+            probabilities, _ = state["client"].predict(rows)
+            result = {"probability": probabilities[0], "label": int(probabilities[0] >= bundle.threshold)}
+        except ValidationError as exc:
+            error, status = f"{exc.field}: {exc.message}", 400
+        except Unavailable as exc:
+            error, status = f"prediction unavailable: {exc}", 503
+    return render_template("index.html", bundle=bundle, meta=bundle.metadata,
+                           config=state["config"], result=result, error=error,
+                           values=values), status
+
+
+def create_app(config: Config | None = None, bundle: Bundle | None = None,
+               client: Any = None) -> Flask:
+    """Build the Flask app. `client` defaults to a BrokerClient on the configured broker."""
+    config = config or load_config()
+    bundle = bundle or load_bundle(config.bundle_dir or None, verify=False)
+    metrics_ = Metrics()
+    if client is None:
+        from app.client import BrokerClient
+
+        client = BrokerClient(config, observe=metrics_.observe_batch)
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False
+    app.extensions["modelserve"] = {"config": config, "bundle": bundle, "client": client,
+                                    "metrics": metrics_}
+    app.register_blueprint(api)
+    app.register_blueprint(pages)
+
+    @app.before_request
+    def _start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _count(response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics_.requests.labels(request.method, route, str(response.status_code)).inc()
+        if "started" in g:
+            metrics_.latency.labels(route).observe(time.perf_counter() - g.started)
+        return response
+
+    @app.errorhandler(ValidationError)
+    def _invalid(exc: ValidationError):
+        return jsonify(exc.to_dict()), exc.status
+
+    @app.errorhandler(Unavailable)
+    def _unavailable(exc: Unavailable):
+        return _error(503, "unavailable", str(exc)), {"Retry-After": "1"}
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_exc):
+        return _error(413, "validation_error", f"request body exceeds {config.max_body_bytes} "
+                      "bytes", field="body", rule="max_bytes")
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        app.logger.exception("unhandled error")
+        return _error(500, "internal_error", "internal error; see the server log")
+
+    return app

@@ -1,0 +1,1 @@
+"""Developer tooling: private RabbitMQ/Redis nodes and the processes of `make run` and the tests."""
