@@ -219,7 +219,9 @@ def create_app(config: Config | None = None, bundle: Bundle | None = None,
 
     @app.errorhandler(Unavailable)
     def _unavailable(exc: Unavailable):
-        return _error(503, "unavailable", str(exc)), {"Retry-After": "1"}
+        body, status = _error(503, "unavailable", str(exc))
+        body.headers["Retry-After"] = "1"
+        return body, status
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_exc):
