@@ -2,7 +2,8 @@
 
 A policy gives up when the real time since the first attempt OR the total time it asked to
 sleep exceeds its budget: the second clause makes tests with a no-op ``sleep`` deterministic.
-Waits are predicates that raise ``NotReady`` ("not ready yet") until the wanted state.
+Waits are predicates that raise ``NotReady`` ("not ready yet") until the wanted state; a
+wrong answer (``HealthCheckFailed``, ``CloudError``) is permanent and never retried.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from rollout.errors import HealthCheckFailed, TransientCloudError, WaitTimeout
+from rollout.errors import TransientCloudError, WaitTimeout
 
 log = logging.getLogger("rollout.retry")
 T = TypeVar("T")
@@ -90,11 +91,9 @@ CLOUD_CALL = Policy("cloud-call", budget=60, wait_min=0.5, wait_max=5,
 INSTANCE_BOOT = Policy("instance-boot", budget=180, wait_min=0.2, wait_max=2,
                        retry_on=(NotReady, TransientCloudError), multiplier=0.2)
 HEALTH_GATE = Policy("health-gate", budget=240, wait_min=0.25, wait_max=2,
-                     retry_on=(NotReady, HealthCheckFailed, TransientCloudError),
-                     multiplier=0.25)
+                     retry_on=(NotReady, TransientCloudError), multiplier=0.25)
 ROLLBACK_HEALTH = Policy("rollback-health", budget=5, wait_min=0.1, wait_max=0.5,
-                         retry_on=(NotReady, HealthCheckFailed, TransientCloudError),
-                         multiplier=0.1)
+                         retry_on=(NotReady, TransientCloudError), multiplier=0.1)
 VERIFY_SWITCH = Policy("verify-switch", budget=20, wait_min=0.05, wait_max=0.5,
                        retry_on=(NotReady, TransientCloudError), multiplier=0.05)
 

@@ -20,7 +20,12 @@ def open_cloud(name: str | None = None, **options: object) -> Cloud:
 
         return LXDCloud(**options)  # type: ignore[arg-type]
     if name == "openstack":
-        from rollout.clouds.openstack import OpenStackCloud
+        try:
+            from rollout.clouds.openstack import OpenStackCloud
+        except ImportError as exc:
+            from rollout.errors import CloudError
+
+            raise CloudError(f"the openstack provider cannot be loaded: {exc}") from exc
 
         return OpenStackCloud(**options)  # type: ignore[arg-type]
     raise ValueError(f"unknown cloud {name!r} (choose lxd or openstack)")

@@ -55,9 +55,16 @@ def test_budget_bounds_the_total_sleep_and_names_the_policy():
     assert "waiting for ms-dev-x" in msg and "instance-boot" in msg and "still BUILDING" in msg
 
 
-def test_health_gate_retries_failed_checks_until_healthy():
-    fn = Flaky(3, HealthCheckFailed("/readyz 503: worker"))
+def test_health_gate_retries_not_ready_until_healthy():
+    fn = Flaky(3, NotReady("/readyz 503: worker"))
     assert HEALTH_GATE.run(fn, sleep=Sleeps()) == "ok"
+
+
+def test_health_gate_fails_fast_on_a_wrong_answer():
+    fn = Flaky(3, HealthCheckFailed("serves model sha256 abc, the image says def"))
+    with pytest.raises(HealthCheckFailed):
+        HEALTH_GATE.run(fn, sleep=Sleeps())
+    assert fn.calls == 1
 
 
 def test_ctrl_c_is_never_swallowed():

@@ -1,0 +1,227 @@
+"""``python -m rollout``: the only error boundary of the deploy tool.
+
+Parses arguments, builds the cloud and the context, runs one command, prints progress on
+stderr (rich) and results on stdout (``--json``), and turns exceptions into one line and an
+exit status. Ctrl-C: the executor has already cleaned up when KeyboardInterrupt gets here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from enum import IntEnum
+
+from rich.console import Console
+from rich.table import Table
+
+from rollout import executor
+from rollout.clouds import default_cloud_name, open_cloud
+from rollout.errors import (
+    CloudError,
+    DeployLocked,
+    HealthCheckFailed,
+    PlanError,
+    RolloutError,
+    WaitTimeout,
+)
+from rollout.planner import DeployRequest, RollbackRequest
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+_RELEASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+
+
+class ExitCode(IntEnum):
+    """Exit statuses (httpie-style): scripts can tell what went wrong."""
+
+    OK = 0
+    ERROR = 1  # any other RolloutError
+    USAGE = 2  # argparse
+    PLAN = 3  # refused by the planner (unknown release, accuracy gate, nothing to roll back)
+    LOCKED = 4  # another deploy holds the env lock
+    UNHEALTHY = 5  # the green instance failed its health gate / post-switch check
+    CLOUD = 6  # the cloud failed (permanent error, or transient errors beyond the budget)
+    TIMEOUT = 7  # a wait ran out of time
+    INTERRUPTED = 130  # Ctrl-C (after cleanup)
+
+
+def _env_name(text: str) -> str:
+    if not _NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: lowercase letters, digits and '-', starting with a letter, max 20")
+    return text
+
+
+def _release_name(text: str) -> str:
+    if not _RELEASE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '.', '_', '-', max 40")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands deploy, rollback, status, history, plan, cleanup)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cloud", choices=("lxd", "openstack"), default=None,
+                        help="default: openstack when OS_CLOUD is set, else lxd")
+    common.add_argument("--env", type=_env_name, default="dev",
+                        help="environment: its own floating IP and instances (default dev)")
+    common.add_argument("--json", action="store_true", help="machine output on stdout")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+
+    p = argparse.ArgumentParser(prog="python -m rollout",
+                                description="Blue-green releases of modelserve images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def deploy_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--release", type=_release_name, default=None,
+                        help="release id (default: the newest image)")
+        sp.add_argument("--workers", type=int, default=0,
+                        help="extra worker-only instances for this release")
+        sp.add_argument("--keep", type=int, default=2,
+                        help="releases kept warm in the env, live included (>= 2)")
+        sp.add_argument("--force", action="store_true", help="skip the accuracy gate")
+        sp.add_argument("--tolerance", type=float, default=0.01,
+                        help="allowed held-out accuracy drop vs live (default 0.01)")
+
+    sp = sub.add_parser("deploy", parents=[common], help="deploy a release (blue-green)")
+    deploy_args(sp)
+    sp.add_argument("--no-probe", action="store_true", help="no load probe during the switch")
+    sp.add_argument("--boot-timeout", type=float, default=180.0)
+    sp.add_argument("--health-timeout", type=float, default=240.0)
+    sp = sub.add_parser("plan", parents=[common], help="print the steps a deploy would take")
+    deploy_args(sp)
+    sp = sub.add_parser("rollback", parents=[common], help="switch back to the previous release")
+    sp.add_argument("--to", type=_release_name, default=None,
+                    help="a warm release to switch to (default: the previous one)")
+    sp.add_argument("--no-probe", action="store_true")
+    sub.add_parser("status", parents=[common], help="live/previous release, instances, images")
+    sub.add_parser("history", parents=[common], help="the env's switches, oldest first")
+    sp = sub.add_parser("cleanup", parents=[common],
+                        help="delete leftovers of failed runs and releases beyond --keep")
+    sp.add_argument("--keep", type=int, default=2)
+    sp.add_argument("--images", action="store_true",
+                    help="also delete images beyond --keep (never one in use)")
+    sp.add_argument("--break-lock", action="store_true",
+                    help="take the env lock even if a (dead) run holds it")
+    return p
+
+
+def _print_status(con: Console, st: dict) -> None:
+    con.print(f"env [bold]{st['env']}[/] on {st['cloud']}: floating IP "
+              f"{st['floating_ip'] or '-'} → live [bold green]{st['live'] or '-'}[/] "
+              f"({st['live_colour'] or '-'}), previous {st['previous'] or '-'}")
+    if st["lock"]:
+        lk = st["lock"]
+        con.print(f"[yellow]locked[/] by {lk['holder']} since {lk['since']} "
+                  f"(deploy {lk['deploy_id']})")
+    t = Table("instance", "release", "colour", "role", "status", "address", "live")
+    for i in st["instances"]:
+        t.add_row(i["name"], i["release"], i["colour"], i["role"], i["status"],
+                  i["address"] or "-", "●" if i["live"] else "")
+    con.print(t)
+    t = Table("release", "image", "built", "accuracy", "model sha256")
+    for r in st["releases"]:
+        acc = "-" if r["model_accuracy"] is None else f"{r['model_accuracy']:.4f}"
+        t.add_row(r["release"], r["image"], r["built_at"], acc, r["model_sha256"][:12])
+    con.print(t)
+
+
+def run(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
+    """Parse, run, report; returns the exit status."""
+    stdout = stdout or sys.stdout
+    err = Console(file=stderr or sys.stderr, highlight=False)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        stream=err.file, format="%(name)s: %(message)s")
+    cloud_name = args.cloud or default_cloud_name()
+
+    def emit(obj: object) -> None:
+        stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        stdout.flush()
+
+    try:
+        cloud = open_cloud(cloud_name)
+        ctx = executor.Context(cloud=cloud, env=args.env, reporter=executor.Reporter(err))
+        if args.command == "deploy":
+            ctx.probe = not args.no_probe
+            ctx.boot_timeout, ctx.health_timeout = args.boot_timeout, args.health_timeout
+            res = executor.deploy(ctx, _deploy_request(args, ctx.deploy_id))
+            _closing(err, res)
+        elif args.command == "rollback":
+            ctx.probe = not args.no_probe
+            res = executor.rollback(ctx, RollbackRequest(args.env, ctx.deploy_id, args.to))
+            _closing(err, res)
+        elif args.command == "plan":
+            res = executor.plan_only(ctx, _deploy_request(args, ctx.deploy_id))
+            if not args.json:
+                for note in res["notes"]:
+                    err.print(f"  {note}")
+                for n, step in enumerate(res["steps"], 1):
+                    stdout.write(f"{n}. {step['kind']}: "
+                                 + ", ".join(f"{k}={v}" for k, v in step.items()
+                                             if k != "kind") + "\n")
+                if not res["steps"]:
+                    stdout.write("nothing to do\n")
+        elif args.command == "status":
+            res = executor.status(ctx)
+            if not args.json:
+                _print_status(Console(file=stdout, highlight=False, width=140), res)
+        elif args.command == "history":
+            res = executor.history(ctx)
+            if not args.json:
+                for e in res:
+                    stdout.write(f"{e['at']}  {e['action']:<8} {e['from_release'] or '-'} -> "
+                                 f"{e['release']}  (deploy {e['deploy_id']})\n")
+        elif args.command == "cleanup":
+            res = executor.cleanup(ctx, keep=args.keep, images=args.images,
+                                   break_lock=args.break_lock)
+            if not res["steps"]:
+                err.print("nothing to clean up")
+        else:  # pragma: no cover - argparse enforces the choices
+            raise AssertionError(args.command)
+        if args.json:
+            emit(res)
+        return ExitCode.OK
+    except KeyboardInterrupt:
+        err.print("[red]error:[/] interrupted (Ctrl-C); this run's changes were undone")
+        return ExitCode.INTERRUPTED
+    except RolloutError as exc:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        if args.json:
+            emit({"error": str(exc), "type": type(exc).__name__})
+        return _code_for(exc)
+
+
+def _code_for(exc: RolloutError) -> ExitCode:
+    for cls, code in ((PlanError, ExitCode.PLAN), (DeployLocked, ExitCode.LOCKED),
+                      (HealthCheckFailed, ExitCode.UNHEALTHY), (WaitTimeout, ExitCode.TIMEOUT),
+                      (CloudError, ExitCode.CLOUD)):
+        if isinstance(exc, cls):
+            return code
+    return ExitCode.ERROR
+
+
+def _deploy_request(args: argparse.Namespace, deploy_id: str) -> DeployRequest:
+    return DeployRequest(env=args.env, deploy_id=deploy_id, release=args.release,
+                         workers=args.workers, keep=args.keep, force=args.force,
+                         accuracy_tolerance=args.tolerance)
+
+
+def _closing(err: Console, res: dict) -> None:
+    if not res["steps"]:
+        err.print(f"[green]nothing to do[/]: {'; '.join(res['notes'])}")
+        return
+    probe = res.get("probe")
+    probe_txt = (f", probe {probe['failed']} failed / {probe['total']}" if probe else "")
+    err.print(f"[bold green]{res['action']} done[/]: {res['release']} is live in {res['env']} at "
+              f"{res['url']} ({res['seconds']}s{probe_txt})")
+    for item in res.get("leftovers") or []:
+        err.print(f"[yellow]left behind[/]: {item} — python -m rollout cleanup --env "
+                  f"{res['env']}")
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run())
