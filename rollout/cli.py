@@ -128,8 +128,10 @@ def _print_status(con: Console, st: dict) -> None:
     con.print(t)
 
 
-def run(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
-    """Parse, run, report; returns the exit status."""
+def run(argv: list[str] | None = None, *, stdout=None, stderr=None, cloud=None,
+        configure=None) -> int:
+    """Parse, run, report; returns the exit status. ``cloud`` replaces ``--cloud`` and
+    ``configure(ctx)`` adjusts the context (tests inject faults at the Cloud boundary)."""
     stdout = stdout or sys.stdout
     err = Console(file=stderr or sys.stderr, highlight=False)
     args = build_parser().parse_args(argv)
@@ -142,15 +144,19 @@ def run(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
         stdout.flush()
 
     try:
-        cloud = open_cloud(cloud_name)
+        cloud = cloud or open_cloud(cloud_name)
         ctx = executor.Context(cloud=cloud, env=args.env, reporter=executor.Reporter(err))
         if args.command == "deploy":
             ctx.probe = not args.no_probe
             ctx.boot_timeout, ctx.health_timeout = args.boot_timeout, args.health_timeout
+            if configure:
+                configure(ctx)
             res = executor.deploy(ctx, _deploy_request(args, ctx.deploy_id))
             _closing(err, res)
         elif args.command == "rollback":
             ctx.probe = not args.no_probe
+            if configure:
+                configure(ctx)
             res = executor.rollback(ctx, RollbackRequest(args.env, ctx.deploy_id, args.to))
             _closing(err, res)
         elif args.command == "plan":

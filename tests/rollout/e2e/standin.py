@@ -1,0 +1,66 @@
+"""Build stand-in release images (the base image + a stdlib app speaking the contract).
+
+Used only where a *broken* or throw-away release is the point of a test (a release whose
+/readyz fails, a release with a worse model) and while developing without the real image.
+Images get the same properties as a real bake: modelserve_release, _model_sha256, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent / "standin"
+BASE = "modelserve-base-debian12"
+
+
+def lxc(*args: str, check: bool = True, input: str | None = None) -> str:
+    res = subprocess.run(["lxc", *args], capture_output=True, text=True, input=input,
+                         check=False, timeout=600)
+    if check and res.returncode:
+        raise RuntimeError(f"lxc {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def image_exists(alias: str) -> bool:
+    return bool(lxc("image", "list", alias, "--format", "csv", "-c", "l").strip())
+
+
+def standin_sha(release: str) -> str:
+    return hashlib.sha256(f"standin-model-{release}".encode()).hexdigest()
+
+
+def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = False,
+                  base: str = BASE, built_at: str | None = None) -> str:
+    """Publish ``modelserve-<release>`` from the base image with the stand-in app."""
+    alias = f"modelserve-{release}"
+    if image_exists(alias):
+        return alias
+    name = f"ms-standin-build-{release}".replace(".", "-")[:63]
+    lxc("delete", "-f", name, check=False)
+    lxc("launch", base, name)
+    try:
+        lxc("exec", name, "--", "mkdir", "-p", "/opt/standin")
+        lxc("file", "push", str(HERE / "server.py"), f"{name}/opt/standin/server.py")
+        lxc("file", "push", str(HERE / "modelserve-standin.service"),
+            f"{name}/etc/systemd/system/modelserve-standin.service")
+        script = (f"echo {standin_sha(release)} > /opt/standin/model_sha256 && "
+                  + ("touch /opt/standin/fail_readyz && " if fail_readyz else "")
+                  + "mkdir -p /etc/systemd/system/multi-user.target.wants && ln -sf "
+                  "/etc/systemd/system/modelserve-standin.service "
+                  "/etc/systemd/system/multi-user.target.wants/ && cloud-init clean --logs")
+        lxc("exec", name, "--", "sh", "-c", script)
+        lxc("stop", name)
+        stamp = built_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lxc("publish", name, "--alias", alias,
+            f"modelserve_release={release}",
+            f"modelserve_model_sha256={standin_sha(release)}",
+            f"modelserve_model_accuracy={accuracy}",
+            "modelserve_git_sha=standin", "modelserve_app_version=standin",
+            f"modelserve_built_at={stamp}",
+            f"description=modelserve stand-in {release}")
+    finally:
+        lxc("delete", "-f", name, check=False)
+    return alias

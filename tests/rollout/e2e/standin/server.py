@@ -1,0 +1,64 @@
+"""A stdlib stand-in for the modelserve app (dev of the rollout tool while no real image exists).
+
+Speaks the app contract's health/version/prediction routes from /etc/modelserve/instance.env
+(written by the NoCloud seed) and /opt/standin/model_sha256. ``/opt/standin/fail_readyz``
+present -> /readyz answers 503 (a broken release).
+"""
+
+import json
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def env():
+    out = {}
+    for line in Path("/etc/modelserve/instance.env").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            out[k] = v
+    return out
+
+
+SHA = Path("/opt/standin/model_sha256").read_text().strip()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def _send(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        e = env()
+        if self.path == "/healthz":
+            self._send(200, {"status": "ok"})
+        elif self.path == "/readyz":
+            if os.path.exists("/opt/standin/fail_readyz"):
+                self._send(503, {"status": "unavailable", "failing": "model"})
+            else:
+                self._send(200, {"status": "ready"})
+        elif self.path == "/version":
+            self._send(200, {"release": e.get("MODELSERVE_RELEASE"),
+                             "colour": e.get("MODELSERVE_COLOUR"),
+                             "role": e.get("MODELSERVE_ROLE"),
+                             "deploy_id": e.get("MODELSERVE_DEPLOY_ID"),
+                             "model_sha256": SHA, "model_version": "standin"})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(n) or b"{}")
+        k = len(body.get("instances", []))
+        self._send(200, {"predictions": [{"probability": 0.25, "label": 0}] * k,
+                         "model": {"version": "standin", "sha256": SHA}})
+
+
+ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
