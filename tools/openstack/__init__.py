@@ -1,0 +1,1 @@
+"""A real OpenStack control plane on loopback, for modelserve's OpenStack tests."""

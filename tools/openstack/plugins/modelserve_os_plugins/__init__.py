@@ -1,0 +1,1 @@
+"""Plugins loaded by the harness's Neutron and Nova (on PYTHONPATH, never in the app's venv)."""

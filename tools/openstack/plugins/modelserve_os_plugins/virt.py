@@ -1,0 +1,221 @@
+"""A Nova virt driver that realises each server as the modelserve app, run as local processes.
+
+Nova's fake driver boots nothing. This subclass keeps all of its bookkeeping and, for a
+server whose user_data is a modelserve NoCloud seed, starts the real app the way the image's
+units would: the web process on the server's (loopback) fixed IP and a Celery worker, with
+a Redis of the server's own (front role). RabbitMQ is one node run by the harness; each
+release gets its own vhost and user, created from the seed's credentials, just as the
+image's first-boot unit does on a front. Servers without a seed stay plain fakes.
+
+Configured by environment variables set by the harness on nova-compute:
+MODELSERVE_OS_STATE (instances/<uuid>/ live there), MODELSERVE_OS_APP_ROOT and
+MODELSERVE_OS_APP_PYTHON (where `python -m app.serve` runs), MODELSERVE_OS_RABBIT_NODE,
+MODELSERVE_OS_RABBIT_PORT.
+"""
+
+import base64
+import binascii
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.parse
+
+import yaml
+from nova.virt import fake
+from oslo_log import log as logging
+
+LOG = logging.getLogger(__name__)
+INSTANCE_ENV = "/etc/modelserve/instance.env"
+
+
+def _decode_user_data(user_data):
+    """Nova stores user_data base64-encoded; return the text, or None."""
+    if not user_data:
+        return None
+    try:
+        raw = base64.b64decode(user_data)
+    except (binascii.Error, ValueError):
+        return None
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8", "replace")
+
+
+def instance_env_from_seed(text):
+    """The KEY=VALUE lines the seed writes to /etc/modelserve/instance.env, or None."""
+    if not text or not text.startswith("#cloud-config"):
+        return None
+    doc = yaml.safe_load(text) or {}
+    for item in doc.get("write_files") or []:
+        if item.get("path") != INSTANCE_ENV:
+            continue
+        content = item.get("content", "")
+        encoding = (item.get("encoding") or "").lower()
+        if encoding in ("b64", "base64"):
+            content = base64.b64decode(content).decode()
+        elif encoding in ("gz+b64", "gzip+base64", "gz+base64", "gzip+b64"):
+            content = gzip.decompress(base64.b64decode(content)).decode()
+        env = {}
+        for line in content.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip().strip("'\"")
+        return env
+    return None
+
+
+class ProcessDriver(fake.FakeDriver):
+    """FakeDriver whose servers run the modelserve app on their fixed IP."""
+
+    vcpus = 16
+    memory_mb = 32768
+    local_gb = 1024
+
+    def __init__(self, virtapi, read_only=False):
+        super().__init__(virtapi, read_only)
+        self.state = os.environ.get("MODELSERVE_OS_STATE", "/var/tmp/modelserve-openstack")
+        self.app_root = os.environ.get("MODELSERVE_OS_APP_ROOT", "")
+        self.app_python = os.environ.get("MODELSERVE_OS_APP_PYTHON", "")
+        self.rabbit_node = os.environ.get("MODELSERVE_OS_RABBIT_NODE", "")
+        self.rabbit_port = os.environ.get("MODELSERVE_OS_RABBIT_PORT", "5672")
+
+    # -- Nova entry points -------------------------------------------------------------
+    def spawn(self, context, instance, image_meta, injected_files, admin_password,
+              allocations, network_info=None, block_device_info=None, power_on=True,
+              accel_info=None):
+        """Record the fake instance, then start the app if the server carries a seed."""
+        super().spawn(context, instance, image_meta, injected_files, admin_password,
+                      allocations, network_info, block_device_info, power_on, accel_info)
+        env = instance_env_from_seed(_decode_user_data(instance.user_data))
+        ips = [ip["address"] for vif in (network_info or []) for ip in vif.fixed_ips()
+               if ip["version"] == 4]
+        if env is None or not ips:
+            LOG.info("server %s has no modelserve seed or no IPv4: plain fake", instance.uuid)
+            return
+        try:
+            self._start_app(instance.uuid, env, ips[0])
+        except Exception:  # the server still exists; its health gate will say why
+            LOG.exception("could not start the app for server %s", instance.uuid)
+
+    def destroy(self, context, instance, network_info, block_device_info=None,
+                destroy_disks=True, destroy_secrets=True):
+        """Stop the server's processes, then forget it."""
+        self._stop_app(instance.uuid)
+        super().destroy(context, instance, network_info, block_device_info,
+                        destroy_disks, destroy_secrets)
+
+    # -- the app as processes ------------------------------------------------------------
+    def _dir(self, uuid):
+        return os.path.join(self.state, "instances", uuid)
+
+    def _start_app(self, uuid, seed_env, fixed_ip):
+        if not (self.app_root and self.app_python and os.path.isdir(
+                os.path.join(self.app_root, "app"))):
+            LOG.warning("MODELSERVE_OS_APP_ROOT/APP_PYTHON not usable: %s runs no app", uuid)
+            return
+        idir = self._dir(uuid)
+        os.makedirs(idir, exist_ok=True)
+        env = dict(seed_env)
+        role = env.get("MODELSERVE_ROLE", "front")
+        broker = urllib.parse.urlsplit(env.get("MODELSERVE_BROKER_URL", ""))
+        user = urllib.parse.unquote(broker.username or "")
+        password = urllib.parse.unquote(broker.password or "")
+        vhost = "ms-" + (user or uuid)
+        if role == "front":
+            self._rabbit_account(user, password, vhost)
+        env["MODELSERVE_BROKER_URL"] = "amqp://{}:{}@127.0.0.1:{}/{}".format(
+            urllib.parse.quote(user, safe=""), urllib.parse.quote(password, safe=""),
+            self.rabbit_port, urllib.parse.quote(vhost, safe=""))
+        result = urllib.parse.urlsplit(env.get("MODELSERVE_RESULT_URL", ""))
+        if role == "front" and result.hostname:
+            redis_pw = urllib.parse.unquote(result.password or "")
+            self._start_redis(idir, fixed_ip, result.port or 6379, redis_pw)
+            env["MODELSERVE_RESULT_URL"] = result._replace(
+                netloc=f":{urllib.parse.quote(redis_pw, safe='')}@{fixed_ip}:"
+                       f"{result.port or 6379}").geturl()
+        env["MODELSERVE_HOST"] = fixed_ip
+        env.setdefault("MODELSERVE_PORT", "8080")
+        env["MODELSERVE_WORKER_CONCURRENCY"] = os.environ.get(
+            "MODELSERVE_OS_WORKER_CONCURRENCY", env.get("MODELSERVE_WORKER_CONCURRENCY", "1"))
+        env_path = os.path.join(idir, "instance.env")
+        with open(os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.writelines(f"{k}={v}\n" for k, v in sorted(env.items()))
+        proc_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("OS_", "PYTHONPATH", "VIRTUAL_ENV"))}
+        proc_env.update({"MODELSERVE_INSTANCE_ENV": env_path, "PYTHONUNBUFFERED": "1"})
+        mods = ["app.worker"] + (["app.serve"] if role == "front" else [])
+        for mod in mods:
+            self._launch(idir, mod.split(".")[1], [self.app_python, "-m", mod],
+                         cwd=self.app_root, env=proc_env)
+        LOG.info("server %s: %s running %s on %s", uuid, role, mods, fixed_ip)
+
+    def _launch(self, idir, name, argv, cwd=None, env=None):
+        log = open(os.path.join(idir, f"{name}.log"), "ab")
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        with open(os.path.join(idir, f"{name}.pid"), "w") as fh:
+            fh.write(str(proc.pid))
+        pids = os.path.join(idir, "pids.json")
+        known = json.load(open(pids)) if os.path.exists(pids) else {}
+        known[name] = proc.pid
+        with open(pids, "w") as fh:
+            json.dump(known, fh)
+
+    def _start_redis(self, idir, ip, port, password):
+        conf = os.path.join(idir, "redis.conf")
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(f"bind {ip}\nport {port}\nrequirepass {password}\nsave \"\"\n"
+                     f"appendonly no\ndir {idir}\ndaemonize no\nprotected-mode no\n")
+        self._launch(idir, "redis", [shutil.which("redis-server") or "redis-server", conf])
+
+    def _rabbitmqctl(self, *args, check=True):
+        return subprocess.run(["rabbitmqctl", "-n", self.rabbit_node, "-q", *args],
+                              check=check, capture_output=True, text=True, timeout=60)
+
+    def _rabbit_account(self, user, password, vhost):
+        """Create the release's broker user and vhost (what the first-boot unit does)."""
+        if not (user and self.rabbit_node):
+            return
+        self._rabbitmqctl("add_vhost", vhost, check=False)
+        if self._rabbitmqctl("add_user", user, password, check=False).returncode != 0:
+            self._rabbitmqctl("change_password", user, password)
+        self._rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+
+    def _stop_app(self, uuid):
+        pids_file = os.path.join(self._dir(uuid), "pids.json")
+        if not os.path.exists(pids_file):
+            return
+        pids = list(json.load(open(pids_file)).values())
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        os.unlink(pids_file)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
