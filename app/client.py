@@ -30,11 +30,19 @@ class BrokerClient:
     def __init__(self, config: Config, observe: ObserveFn | None = None):
         self.config = config
         self.celery = make_celery(config, name="modelserve-web")
+        # Celery keeps a backend per thread; lookups and marks share this one instead, so
+        # request threads never open Redis connections of their own (thread-safe pool).
+        self.results = self.celery._get_backend()
         self.dispatcher = Dispatcher(self._send_and_wait, threads=config.dispatch_threads,
                                      batch_rows=max(config.batch_rows, 1), observe=observe)
 
     def close(self) -> None:
+        """Stop the dispatcher and close broker and result-store connections."""
         self.dispatcher.close()
+        self.celery.amqp.producer_pool.force_close_all()
+        self.celery.close()
+        self.results.client.close()
+        self.results.client.connection_pool.disconnect()
 
     def predict(self, rows: list[list[float]]) -> tuple[list[float], str]:
         """Synchronous, micro-batched prediction within the configured timeout."""
@@ -62,8 +70,8 @@ class BrokerClient:
         try:
             # Mark the id as ours before publishing, so a lookup never confuses an accepted
             # task with an unknown id, whatever the worker's speed.
-            self.celery.backend.client.setex(_ACCEPTED_PREFIX + task_id,
-                                             int(self.celery.conf.result_expires), "1")
+            self.results.client.set(_ACCEPTED_PREFIX + task_id, "1",
+                                    ex=int(self.celery.conf.result_expires))
             self.celery.send_task(PREDICT_TASK, args=[rows], queue=QUEUE, task_id=task_id)
         except _TRANSPORT_ERRORS as exc:
             raise Unavailable(f"broker or result store unreachable: {exc}") from None
@@ -72,7 +80,7 @@ class BrokerClient:
     def task_status(self, task_id: str) -> dict[str, Any] | None:
         """{'state', 'result'|'error'} for an accepted task, or None if the id is unknown."""
         try:
-            backend = self.celery.backend
+            backend = self.results
             meta = backend.get_task_meta(task_id)
             state = meta["status"]
             if state == states.PENDING and not backend.client.exists(_ACCEPTED_PREFIX + task_id):

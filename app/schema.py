@@ -51,7 +51,7 @@ def validate_instances(payload: Any, features: Sequence[dict[str, Any]],
         raise ValidationError("body", "type", "body must be a JSON object with 'instances'")
     for key in payload:
         if key != "instances":
-            raise ValidationError(str(key), "unknown_field",
+            raise ValidationError(_member("", key), "unknown_field",
                                   f"unknown field {key!r}: the body has only 'instances'")
     if "instances" not in payload:
         raise ValidationError("instances", "required", "'instances' is required")
@@ -100,8 +100,15 @@ def _key_error(i: int, item: dict, names: list[str]) -> None:
         if name not in item:
             raise ValidationError(f"instances[{i}].{name}", "required", f"{name} is required")
     extra = sorted(str(k) for k in item if k not in names)
-    raise ValidationError(f"instances[{i}].{extra[0]}", "unknown_field",
+    raise ValidationError(_member(f"instances[{i}]", extra[0]), "unknown_field",
                           f"unknown field {extra[0]!r}; expected only {', '.join(names)}")
+
+
+def _member(prefix: str, key: str) -> str:
+    """JSON path of an object member: a.b for plain names, a["odd key"] otherwise."""
+    if key.isidentifier():
+        return f"{prefix}.{key}" if prefix else key
+    return f"{prefix}[{json.dumps(key)}]"
 
 
 def _json_type(value: Any) -> str:

@@ -49,6 +49,13 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None,
     raise ServiceError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
+def spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """Start a process in its own session with stdout+stderr appended to `log`."""
+    with open(log, "ab") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+
+
 def _stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -112,10 +119,8 @@ class RabbitMQ:
         rmq = pwd.getpwnam("rabbitmq")
         for path in [self.base, *self.base.rglob("*")]:
             os.chown(path, rmq.pw_uid, rmq.pw_gid)
-        log = open(self.base / "server.log", "ab")
-        self.proc = subprocess.Popen([RABBITMQ_SERVER], env=self._env(), user=rmq.pw_uid,
-                                     group=rmq.pw_gid, cwd=self.base, stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = spawn([RABBITMQ_SERVER], self.base / "server.log", env=self._env(),
+                          user=rmq.pw_uid, group=rmq.pw_gid, cwd=self.base)
         self._wait_amqp(timeout)
         return self
 
@@ -176,12 +181,10 @@ class Redis:
         if not exe:
             raise ServiceError("redis-server is not installed: run `make setup`")
         self.base.mkdir(parents=True, exist_ok=True)
-        log = open(self.base / "redis.log", "ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass",
              self.password, "--save", "", "--appendonly", "no", "--dir", str(self.base),
-             "--daemonize", "no", "--loglevel", "warning"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+             "--daemonize", "no", "--loglevel", "warning"], self.base / "redis.log")
         wait_port(self.port, timeout, self.proc)
         return self
 
@@ -205,21 +208,15 @@ def app_env(broker: RabbitMQ, redis: Redis, **extra: str) -> dict[str, str]:
 
 def start_worker(env: dict[str, str], log: Path, concurrency: int = 2) -> subprocess.Popen:
     """`python -m app.worker` in its own process group."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.worker"],
-        env={**env, "MODELSERVE_WORKER_CONCURRENCY": str(concurrency)}, cwd=ROOT,
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True)
+    return spawn([sys.executable, "-m", "app.worker"], log, cwd=ROOT,
+                 env={**env, "MODELSERVE_WORKER_CONCURRENCY": str(concurrency)})
 
 
 def start_web(env: dict[str, str], log: Path, port: int, host: str = "127.0.0.1",
               timeout: float = 30) -> subprocess.Popen:
     """`python -m app.serve` on host:port, waiting until it listens."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.serve"],
-        env={**env, "MODELSERVE_PORT": str(port), "MODELSERVE_HOST": host}, cwd=ROOT,
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True)
+    proc = spawn([sys.executable, "-m", "app.serve"], log, cwd=ROOT,
+                 env={**env, "MODELSERVE_PORT": str(port), "MODELSERVE_HOST": host})
     wait_port(port, timeout, proc, host=host)
     return proc
 

@@ -34,6 +34,8 @@ def test_integral_float_is_accepted_for_an_integer_feature():
     ({"instances": [GOOD, 5]}, 400, "instances[1]", "type"),
     ({"instances": [{k: v for k, v in GOOD.items() if k != "glu"}]}, 400, "instances[0].glu", "required"),
     ({"instances": [{**GOOD, "zzz": 1}]}, 400, "instances[0].zzz", "unknown_field"),
+    ({"instances": [{**GOOD, "": 1}]}, 400, 'instances[0][""]', "unknown_field"),
+    ({"": 1}, 400, '[""]', "unknown_field"),
     ({"instances": [{**GOOD, "glu": "89"}]}, 400, "instances[0].glu", "type"),
     ({"instances": [{**GOOD, "glu": None}]}, 400, "instances[0].glu", "type"),
     ({"instances": [{**GOOD, "glu": True}]}, 400, "instances[0].glu", "type"),

@@ -9,8 +9,8 @@ from app.train import roc_auc
 
 
 def pairwise_auc(y, s):
-    pos = [b for a, b in zip(y, s) if a == 1]
-    neg = [b for a, b in zip(y, s) if a == 0]
+    pos = [b for a, b in zip(y, s, strict=True) if a == 1]
+    neg = [b for a, b in zip(y, s, strict=True) if a == 0]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
     return wins / (len(pos) * len(neg))
 

@@ -33,8 +33,12 @@ def standin_sha(release: str) -> str:
 
 
 def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = False,
-                  base: str = BASE, built_at: str | None = None) -> str:
-    """Publish ``modelserve-<release>`` from the base image with the stand-in app."""
+                  base: str = BASE, built_at: str | None = None,
+                  claimed_sha: str | None = None) -> str:
+    """Publish ``modelserve-<release>`` from the base image with the stand-in app.
+
+    ``claimed_sha``: the image property says this model sha256, the app serves another one.
+    """
     alias = f"modelserve-{release}"
     if image_exists(alias):
         return alias
@@ -56,7 +60,7 @@ def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = F
         stamp = built_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         lxc("publish", name, "--alias", alias,
             f"modelserve_release={release}",
-            f"modelserve_model_sha256={standin_sha(release)}",
+            f"modelserve_model_sha256={claimed_sha or standin_sha(release)}",
             f"modelserve_model_accuracy={accuracy}",
             "modelserve_git_sha=standin", "modelserve_app_version=standin",
             f"modelserve_built_at={stamp}",
