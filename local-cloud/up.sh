@@ -17,6 +17,7 @@ BRIDGE="${MODELSERVE_LXD_BRIDGE:-msbr0}"
 SUBNET="${MODELSERVE_LXD_SUBNET:-10.87.42.1/24}"
 POOL="${MODELSERVE_LXD_POOL:-default}"
 LXD_LOG_DIR=/var/log/lxd
+LOCK=/run/lock/modelserve-local-cloud.v2.lock
 
 ensure_packages() {
   local missing=() cmd pkg
@@ -46,7 +47,8 @@ ensure_daemon() {
     mkdir -p "$LXD_LOG_DIR"
     # A SIGKILLed daemon leaves its socket behind; nobody listens on it any more.
     rm -f /var/lib/lxd/unix.socket
-    setsid lxd --group root --logfile "$LXD_LOG_DIR/lxd.log" \
+    # 9>&-: the daemon must not inherit (and so hold forever) our set-up lock.
+    setsid lxd --group root --logfile "$LXD_LOG_DIR/lxd.log" 9>&- \
       </dev/null >>"$LXD_LOG_DIR/lxd.stdout" 2>&1 &
   fi
   timeout 120 lxd waitready --timeout=110 \
@@ -106,8 +108,8 @@ YAML
 main() {
   [[ $EUID -eq 0 ]] || die "run as root (LXD daemon and bridge set-up)"
   local t0=$SECONDS
-  exec 9>/run/lock/modelserve-local-cloud.lock
-  flock -w 900 9 || die "another local-cloud set-up holds /run/lock/modelserve-local-cloud.lock"
+  exec 9>"$LOCK"
+  flock -w 900 9 || die "another local-cloud set-up holds $LOCK"
   ensure_packages
   ensure_daemon
   ensure_config
