@@ -86,7 +86,9 @@ class LXDCloud(CloudBase):
         except LXDAPIException as exc:
             code = getattr(exc.response, "status_code", 0) or 0
             text = str(exc)
-            if code >= 500 and "already exists" not in text:
+            if (code >= 500 and "already exists" not in text) or "is busy" in text:
+                # "Instance is busy running a create operation": an interrupted create
+                # still runs in the daemon; deleting works once it is done
                 raise TransientCloudError(f"{what}: LXD {code}: {text}") from exc
             raise CloudError(f"{what}: LXD {code}: {text}") from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
