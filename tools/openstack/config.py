@@ -180,6 +180,7 @@ connection = {db}/nova
 {client('neutron', 'nova')}
 [glance]
 region_name = {REGION}
+{client('service_user', 'nova')}send_service_user_token = true
 [scheduler]
 discover_hosts_in_cells_interval = 2
 [filter_scheduler]

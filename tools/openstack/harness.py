@@ -99,6 +99,7 @@ class Harness:
                 "MODELSERVE_OS_APP_PYTHON": self.app_python,
                 "MODELSERVE_OS_RABBIT_NODE": RABBIT_NODE,
                 "MODELSERVE_OS_RABBIT_PORT": str(self.ports.rabbit),
+                "MODELSERVE_OS_RABBITMQCTL": str(RABBIT_BIN / "rabbitmqctl"),
                 "HOME": str(self.layout.rabbit),  # rabbitmqctl's Erlang cookie
             })
         return env
@@ -137,11 +138,19 @@ class Harness:
                     "glance/staging", "glance/tasks", "glance/lock", "nova/instances",
                     "nova/lock", "neutron/lock", "instances", "rabbitmq/log"):
             (self.layout.state / sub).mkdir(parents=True, exist_ok=True)
+        self.layout.state.chmod(0o700)
+        for sub in ("keystone/fernet-keys", "keystone/credential-keys"):
+            (self.layout.state / sub).chmod(0o700)
+        self.changed: set[str] = set()
         for path, text in config.render(self.layout, self.ports, pw).items():
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists() or path.read_text() != text:
+                existed = path.exists()
                 path.write_text(text)
                 path.chmod(0o600)
+                if existed:  # a running service must restart to see it
+                    self.changed.add(path.parent.name if path.parent.name != "ml2"
+                                 else "neutron")
         shipped = self.layout.venv / "etc"
         for src, dst in (("nova/api-paste.ini", "nova/api-paste.ini"),
                          ("glance/glance-api-paste.ini", "glance/glance-api-paste.ini"),
@@ -293,13 +302,19 @@ class Harness:
 
     def keystone_up(self) -> None:
         """Keystone first: every other service needs its service user to start."""
+        if "keystone" in getattr(self, "changed", ()):
+            self.procs.stop("keystone")
         self._wsgi("keystone", "keystone.wsgi.api", self.ports.keystone, threads=8)
         _wait(lambda: _http_ok(f"http://{HOST}:{self.ports.keystone}/v3"),
               f"keystone on :{self.ports.keystone}", 120, self.procs, "keystone")
 
     def services_up(self) -> None:
-        """Start the other API servers and Nova's daemons (each only if not running)."""
+        """Start the other API servers and Nova's daemons (each only if not running; a
+        service whose config changed since it started is restarted)."""
         p = self.ports
+        for name in self.procs.names():
+            if name.split("-")[0] in getattr(self, "changed", ()):
+                self.procs.stop(name)
         nconf = ["--config-file", str(self.layout.etc / "nova/nova.conf")]
         self._wsgi("glance", "glance.wsgi.api", p.glance)
         self._wsgi("placement", "placement.wsgi.api", p.placement)
@@ -371,8 +386,9 @@ class Harness:
 
     def down(self) -> list[str]:
         """Stop what `up` started (by PID file), and the servers' app processes."""
-        from tools.openstack.procs import _signal_group, pid_alive
         import signal as _signal
+
+        from tools.openstack.procs import _signal_group, pid_alive
 
         stopped = []
         order = ["fip-forwarder", "nova-compute", "nova-scheduler", "nova-conductor",

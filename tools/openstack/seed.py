@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import openstack
-
 from tools.openstack import config
 from tools.openstack.config import HOST
 
@@ -18,8 +17,8 @@ SUBNET = "modelserve-subnet"
 ROUTER = "modelserve-router"
 SECGROUP = "modelserve"
 KEYPAIR = "modelserve"
-FLAVOR = "ms.small"
-FLAVOR_HUGE = "ms.huge"  # more vCPUs than the fake hypervisor has: servers go to ERROR
+FLAVOR = "m1.small"
+FLAVOR_HUGE = "m1.toobig"  # more vCPUs than the hypervisor has: servers go to ERROR
 PUBLIC = "public"
 STANDIN_RELEASE = "standin-0"
 

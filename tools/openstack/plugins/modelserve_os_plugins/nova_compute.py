@@ -3,9 +3,9 @@ driver module is aliased there before Nova's own entry point runs (after its mon
 
 import sys
 
+import nova.virt
 from nova.cmd.compute import main  # noqa: I001 - nova must patch first
 
-import nova.virt
 from modelserve_os_plugins import virt
 
 sys.modules["nova.virt.modelserve_process"] = virt

@@ -69,8 +69,13 @@ def instance_env_from_seed(text):
     return None
 
 
-class ProcessDriver(fake.FakeDriver):
-    """FakeDriver whose servers run the modelserve app on their fixed IP."""
+class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
+    """FakeDriver whose servers run the modelserve app on their fixed IP.
+
+    The base keeps one stable node identity (compute_id in state_path), so nova-compute can
+    be restarted; the servers it knows are reloaded from instances/<uuid>/ at start-up, and
+    their processes restarted if they died with the previous nova-compute's session.
+    """
 
     vcpus = 16
     memory_mb = 32768
@@ -85,6 +90,24 @@ class ProcessDriver(fake.FakeDriver):
         self.rabbit_port = os.environ.get("MODELSERVE_OS_RABBIT_PORT", "5672")
 
     # -- Nova entry points -------------------------------------------------------------
+    def init_host(self, host):
+        """Reload the servers of a previous run (and restart their processes if dead)."""
+        super().init_host(host)
+        root = os.path.join(self.state, "instances")
+        for uuid in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            record = os.path.join(root, uuid, "server.json")
+            if not os.path.exists(record):
+                continue
+            with open(record) as fh:
+                info = json.load(fh)
+            self.instances[uuid] = fake.FakeInstance(info["name"], fake.power_state.RUNNING,
+                                                     uuid)
+            if info.get("env") and not self._running(uuid):
+                try:
+                    self._start_app(uuid, info["env"], info["ip"])
+                except Exception:  # noqa: BLE001 - the health gate will say why
+                    LOG.exception("could not restart the app of server %s", uuid)
+
     def spawn(self, context, instance, image_meta, injected_files, admin_password,
               allocations, network_info=None, block_device_info=None, power_on=True,
               accel_info=None):
@@ -94,6 +117,10 @@ class ProcessDriver(fake.FakeDriver):
         env = instance_env_from_seed(_decode_user_data(instance.user_data))
         ips = [ip["address"] for vif in (network_info or []) for ip in vif.fixed_ips()
                if ip["version"] == 4]
+        os.makedirs(self._dir(instance.uuid), exist_ok=True)
+        record = os.path.join(self._dir(instance.uuid), "server.json")
+        with open(os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            json.dump({"name": instance.name, "env": env, "ip": ips[0] if ips else None}, fh)
         if env is None or not ips:
             LOG.info("server %s has no modelserve seed or no IPv4: plain fake", instance.uuid)
             return
@@ -106,6 +133,7 @@ class ProcessDriver(fake.FakeDriver):
                 destroy_disks=True, destroy_secrets=True):
         """Stop the server's processes, then forget it."""
         self._stop_app(instance.uuid)
+        shutil.rmtree(self._dir(instance.uuid), ignore_errors=True)
         super().destroy(context, instance, network_info, block_device_info,
                         destroy_disks, destroy_secrets)
 
@@ -175,7 +203,8 @@ class ProcessDriver(fake.FakeDriver):
         self._launch(idir, "redis", [shutil.which("redis-server") or "redis-server", conf])
 
     def _rabbitmqctl(self, *args, check=True):
-        return subprocess.run(["rabbitmqctl", "-n", self.rabbit_node, "-q", *args],
+        ctl = os.environ.get("MODELSERVE_OS_RABBITMQCTL", "/usr/lib/rabbitmq/bin/rabbitmqctl")
+        return subprocess.run([ctl, "-n", self.rabbit_node, "-q", *args],
                               check=check, capture_output=True, text=True, timeout=60)
 
     def _rabbit_account(self, user, password, vhost):
@@ -186,6 +215,13 @@ class ProcessDriver(fake.FakeDriver):
         if self._rabbitmqctl("add_user", user, password, check=False).returncode != 0:
             self._rabbitmqctl("change_password", user, password)
         self._rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+
+    def _running(self, uuid):
+        pids_file = os.path.join(self._dir(uuid), "pids.json")
+        if not os.path.exists(pids_file):
+            return False
+        with open(pids_file) as fh:
+            return all(_alive(p) for p in json.load(fh).values())
 
     def _stop_app(self, uuid):
         pids_file = os.path.join(self._dir(uuid), "pids.json")

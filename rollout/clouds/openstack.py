@@ -1,0 +1,385 @@
+"""The OpenStack cloud (openstacksdk): the only module that imports ``openstack``.
+
+Mapping (see base.py for the protocol):
+* Release    = a Glance image with the property ``modelserve_release`` (name
+  ``modelserve-<release>``). Glance's list API silently drops unknown filters, so the
+  properties are matched client-side.
+* Instance   = a Nova server with metadata ``modelserve_<label>`` and the tags ``modelserve``
+  and ``modelserve-env-<env>``; its NoCloud seed is the server's user_data. ``address`` = its
+  fixed IPv4, ``port`` = its Neutron port (what the floating IP points at).
+* FloatingIP = a Neutron floating IP tagged ``modelserve-env-<env>``; ``FipState`` lives in
+  its ``description`` and the history in tags ``h:<seq>:<event>``. A switch is ONE
+  ``update_ip(port_id=…, description=…, if_revision=N)``: Neutron sends If-Match, so a
+  concurrent change answers 412, which becomes ``Conflict``.
+
+Configuration (environment, all optional): ``OS_CLOUD`` (clouds.yaml entry),
+``MODELSERVE_OS_FLAVOR`` (default m1.small), ``MODELSERVE_OS_NETWORK`` (default: the only
+non-external network the project sees), ``MODELSERVE_OS_EXTERNAL_NETWORK`` (default: the only
+external network), ``MODELSERVE_OS_SECURITY_GROUP`` (default modelserve if it exists),
+``MODELSERVE_OS_KEYPAIR`` (default none), ``MODELSERVE_OS_API_TIMEOUT`` (seconds, 30).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import openstack
+from keystoneauth1 import exceptions as ks_exc
+from openstack import exceptions as os_exc
+
+from rollout.clouds.base import (
+    BUILDING,
+    ERROR,
+    HISTORY_KEEP,
+    INSTANCE_LABELS,
+    RELEASE_PROPERTIES,
+    RUNNING,
+    STOPPED,
+    CloudBase,
+    FipState,
+    FloatingIP,
+    HistoryEvent,
+    Instance,
+    InstanceSpec,
+    Release,
+    by_newest,
+)
+from rollout.errors import CloudError, Conflict, NotFound, TransientCloudError
+
+TAG = "modelserve"
+META = "modelserve_"
+HISTORY_TAG = "h:"
+_GONE = ("DELETED", "SOFT_DELETED")
+
+
+def env_tag(env: str) -> str:
+    """The tag that marks servers and floating IPs of one environment."""
+    return f"modelserve-env-{env}"
+
+
+class OpenStackCloud(CloudBase):
+    """The ``Cloud`` protocol on Glance, Nova and Neutron."""
+
+    name = "openstack"
+
+    def __init__(self, *, cloud: str | None = None, conn=None, flavor: str | None = None,
+                 network: str | None = None, external_network: str | None = None,
+                 security_group: str | None = None, keypair: str | None = None,
+                 sleep=time.sleep):
+        env = os.environ.get
+        self.sleep = sleep
+        self.flavor = flavor or env("MODELSERVE_OS_FLAVOR") or "m1.small"
+        self._network = network or env("MODELSERVE_OS_NETWORK")
+        self._external = external_network or env("MODELSERVE_OS_EXTERNAL_NETWORK")
+        self._secgroup = security_group or env("MODELSERVE_OS_SECURITY_GROUP")
+        self.keypair = keypair or env("MODELSERVE_OS_KEYPAIR") or None
+        self._ids: dict[str, str] = {}
+        with self._errors("connecting to OpenStack"):
+            self.conn = conn or openstack.connect(
+                cloud=cloud or env("OS_CLOUD"),
+                api_timeout=float(env("MODELSERVE_OS_API_TIMEOUT", "30")))
+
+    # -- error translation ---------------------------------------------------------------
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except os_exc.NotFoundException as exc:
+            raise NotFound(f"{what}: not found ({_short(exc)})") from exc
+        except os_exc.HttpException as exc:
+            code = exc.status_code or 0
+            text = _short(exc)
+            if code == 412:
+                raise Conflict(f"{what}: changed concurrently (HTTP 412, revision mismatch); "
+                               "observe again and retry") from exc
+            if "quota" in text.lower() or "overquota" in text.lower().replace(" ", ""):
+                raise CloudError(f"{what}: quota exceeded ({text}); free resources or raise "
+                                 "the project's quota") from exc
+            if code >= 500 or code in (408, 409, 429):
+                raise TransientCloudError(f"{what}: HTTP {code}: {text}") from exc
+            raise CloudError(f"{what}: HTTP {code}: {text}") from exc
+        except (ks_exc.ConnectionError, ks_exc.http.HttpError) as exc:
+            raise TransientCloudError(f"{what}: cannot reach the service ({_short(exc)})"
+                                      ) from exc
+        except ks_exc.EndpointNotFound as exc:
+            raise CloudError(f"{what}: no such service in the catalog ({exc})") from exc
+        except ks_exc.ClientException as exc:
+            raise TransientCloudError(f"{what}: {_short(exc)}") from exc
+        except os_exc.SDKException as exc:
+            raise CloudError(f"{what}: {_short(exc)}") from exc
+
+    # -- resolved names --------------------------------------------------------------------
+    def _network_id(self) -> str:
+        if "net" not in self._ids:
+            with self._errors("finding the project network"):
+                if self._network:
+                    net = self.conn.network.find_network(self._network, ignore_missing=False)
+                else:
+                    nets = [n for n in self.conn.network.networks()
+                            if not n.is_router_external]
+                    if len(nets) != 1:
+                        raise CloudError(
+                            f"the project sees {len(nets)} networks; set "
+                            "MODELSERVE_OS_NETWORK to the one servers should use")
+                    net = nets[0]
+            self._ids["net"] = net.id
+        return self._ids["net"]
+
+    def _external_id(self) -> str:
+        if "ext" not in self._ids:
+            with self._errors("finding the external network"):
+                if self._external:
+                    net = self.conn.network.find_network(self._external, ignore_missing=False)
+                else:
+                    nets = list(self.conn.network.networks(is_router_external=True))
+                    if len(nets) != 1:
+                        raise CloudError(
+                            f"the cloud has {len(nets)} external networks; set "
+                            "MODELSERVE_OS_EXTERNAL_NETWORK to the floating-IP pool")
+                    net = nets[0]
+            self._ids["ext"] = net.id
+        return self._ids["ext"]
+
+    def _security_groups(self) -> list[dict]:
+        name = self._secgroup
+        if not name:
+            with self._errors("finding the security group"):
+                found = self.conn.network.find_security_group(TAG)
+            name = found.name if found else "default"
+        return [{"name": name}]
+
+    # -- releases ------------------------------------------------------------------------
+    def _to_release(self, image) -> Release | None:
+        props = dict(image.properties or {})
+        if not props.get(META + "release"):
+            return None
+        vals = {k: str(props.get(META + k, "") or "") for k in RELEASE_PROPERTIES}
+        try:
+            acc = float(vals["model_accuracy"]) if vals["model_accuracy"] else None
+        except ValueError:
+            acc = None
+        return Release(
+            id=image.id, name=image.name or f"modelserve-{vals['release']}",
+            release=vals["release"], model_sha256=vals["model_sha256"], model_accuracy=acc,
+            git_sha=vals["git_sha"], app_version=vals["app_version"],
+            built_at=vals["built_at"] or image.created_at or "")
+
+    def list_releases(self) -> list[Release]:
+        """Every active Glance image carrying modelserve_release, newest first."""
+        with self._errors("listing images"):
+            images = list(self.conn.image.images())
+        out = [r for r in (self._to_release(i) for i in images
+                           if i.status == "active") if r is not None]
+        return by_newest(out)
+
+    def find_release(self, release: str) -> Release | None:
+        """The image of one release, or None."""
+        return next((r for r in self.list_releases() if r.release == release), None)
+
+    def delete_release(self, release: Release, *, ignore_missing: bool = True) -> None:
+        """Delete the Glance image."""
+        with self._errors(f"deleting image {release.name}"):
+            self.conn.image.delete_image(release.id, ignore_missing=ignore_missing)
+
+    # -- instances -----------------------------------------------------------------------
+    def _ports_by_device(self, device_id: str | None = None) -> dict[str, str]:
+        with self._errors("listing ports"):
+            ports = (self.conn.network.ports(device_id=device_id) if device_id
+                     else self.conn.network.ports())
+            out: dict[str, str] = {}
+            for p in ports:
+                if p.device_id and (p.device_owner or "").startswith("compute:"):
+                    out.setdefault(p.device_id, p.id)
+            return out
+
+    def _to_instance(self, server, ports: dict[str, str]) -> Instance | None:
+        meta = dict(server.metadata or {})
+        labels = {k: str(meta.get(META + k, "")) for k in INSTANCE_LABELS}
+        if not labels["env"] or server.status in _GONE:
+            return None
+        address = None
+        for addrs in (server.addresses or {}).values():
+            for a in addrs:
+                if a.get("version") == 4 and a.get("OS-EXT-IPS:type", "fixed") == "fixed":
+                    address = a["addr"]
+                    break
+            if address:
+                break
+        port = ports.get(server.id)
+        status = server.status
+        if status == "ACTIVE":
+            norm = RUNNING if address and port else BUILDING
+        elif status == "ERROR":
+            norm = ERROR
+        elif status in ("SHUTOFF", "STOPPED", "SUSPENDED", "PAUSED", "SHELVED",
+                        "SHELVED_OFFLOADED"):
+            norm = STOPPED
+        else:
+            norm = BUILDING
+        fault = ""
+        if norm == ERROR:
+            fault = ((server.fault or {}).get("message") or "ERROR") if server.fault else "ERROR"
+        return Instance(
+            id=server.id, name=server.name, env=labels["env"], release=labels["release"],
+            colour=labels["colour"], role=labels["role"], deploy_id=labels["deploy_id"],
+            status=norm, address=address, port=port, created_at=labels["created_at"],
+            model_sha256=labels["model_sha256"], fault=fault)
+
+    def list_instances(self, env: str | None) -> list[Instance]:
+        """Rollout's servers (of ``env``, or all), any status, oldest first."""
+        tag = env_tag(env) if env is not None else TAG
+        with self._errors("listing servers"):
+            servers = list(self.conn.compute.servers(details=True, tags=tag))
+        ports = self._ports_by_device() if servers else {}
+        out = [i for i in (self._to_instance(s, ports) for s in servers) if i is not None]
+        if env is not None:
+            out = [i for i in out if i.env == env]
+        return sorted(out, key=lambda i: (i.created_at, i.name))
+
+    def find_instance(self, instance_id: str) -> Instance | None:
+        """One server by id, or None."""
+        try:
+            return self.get_instance(instance_id)
+        except NotFound:
+            return None
+
+    def get_instance(self, instance_id: str) -> Instance:
+        """One server by id, or NotFound."""
+        with self._errors(f"reading server {instance_id}"):
+            server = self.conn.compute.get_server(instance_id)
+        inst = self._to_instance(server, self._ports_by_device(server.id))
+        if inst is None:
+            raise NotFound(f"server {instance_id} is not a modelserve server (or is deleted)")
+        return inst
+
+    def create_instance(self, spec: InstanceSpec) -> Instance:
+        """Boot a server from the release image with the seed as user_data."""
+        env = str(spec.labels.get("env", ""))
+        flavor_name = spec.flavor or self.flavor
+        with self._errors(f"finding flavor {flavor_name}"):
+            flavor = self.conn.compute.find_flavor(flavor_name, ignore_missing=False)
+        kwargs = dict(
+            name=spec.name, image_id=spec.release.id, flavor_id=flavor.id,
+            networks=[{"uuid": self._network_id()}],
+            user_data=base64.b64encode(spec.user_data.encode()).decode(),
+            metadata={META + k: str(spec.labels.get(k, "")) for k in INSTANCE_LABELS},
+            tags=[TAG, env_tag(env)], security_groups=self._security_groups(),
+        )
+        if self.keypair:
+            kwargs["key_name"] = self.keypair
+        try:
+            with self._errors(f"creating server {spec.name} from {spec.release.name}"):
+                server = self.conn.compute.create_server(**kwargs)
+        except BaseException:
+            # the POST may have succeeded before the error (or Ctrl-C): leave nothing behind
+            self._delete_by_name(spec.name)
+            raise
+        inst = self._to_instance(server, {})
+        if inst is None:  # the create response carries no metadata in some microversions
+            return Instance(id=server.id, name=spec.name, env=env,
+                            release=str(spec.labels.get("release", "")),
+                            colour=str(spec.labels.get("colour", "")),
+                            role=str(spec.labels.get("role", "")),
+                            deploy_id=str(spec.labels.get("deploy_id", "")), status=BUILDING,
+                            created_at=str(spec.labels.get("created_at", "")),
+                            model_sha256=str(spec.labels.get("model_sha256", "")))
+        return inst
+
+    def _delete_by_name(self, name: str) -> None:
+        try:
+            with self._errors(f"removing half-created server {name}"):
+                for server in self.conn.compute.servers(name=f"^{name}$"):
+                    self.conn.compute.delete_server(server.id, ignore_missing=True)
+        except Exception:  # noqa: BLE001 - the original error matters more; cleanup lists it
+            pass
+
+    def delete_instance(self, instance_id: str, *, ignore_missing: bool = True) -> None:
+        """Delete the server (Nova stops it first)."""
+        with self._errors(f"deleting server {instance_id}"):
+            self.conn.compute.delete_server(instance_id, ignore_missing=ignore_missing)
+
+    # -- floating IP -----------------------------------------------------------------------
+    def _to_fip(self, ip) -> FloatingIP:
+        tags = list(ip.tags or [])
+        env = next((t[len("modelserve-env-"):] for t in tags
+                    if t.startswith("modelserve-env-")), "")
+        history = []
+        for t in tags:
+            if t.startswith(HISTORY_TAG):
+                seq, _, body = t[len(HISTORY_TAG):].partition(":")
+                history.append((seq, HistoryEvent.decode(body)))
+        history.sort(key=lambda x: x[0])
+        return FloatingIP(
+            id=ip.id, address=ip.floating_ip_address, env=env, target=ip.port_id or None,
+            revision=str(ip.revision_number), state=FipState.decode(ip.description),
+            history=tuple(e for _, e in history))
+
+    def find_floating_ip(self, env: str) -> FloatingIP | None:
+        """The floating IP tagged with the environment, or None (the oldest if two)."""
+        with self._errors(f"finding the floating IP of env {env}"):
+            ips = list(self.conn.network.ips(tags=env_tag(env)))
+        if not ips:
+            return None
+        ips.sort(key=lambda i: (i.created_at or "", i.id))
+        return self._to_fip(ips[0])
+
+    def create_floating_ip(self, env: str, address: str | None = None) -> FloatingIP:
+        """Allocate from the external network, tag it; Conflict if another run won a race."""
+        kwargs = {"floating_network_id": self._external_id(),
+                  "description": FipState().encode()}
+        if address:
+            kwargs["floating_ip_address"] = address
+        with self._errors(f"allocating a floating IP for env {env}"):
+            ip = self.conn.network.create_ip(**kwargs)
+        try:
+            with self._errors(f"tagging floating IP {ip.floating_ip_address}"):
+                self.conn.network.set_tags(ip, [TAG, env_tag(env)])
+            found = self.find_floating_ip(env)
+        except BaseException:
+            self._release_quietly(ip.id)
+            raise
+        if found is None or found.id != ip.id:
+            self._release_quietly(ip.id)
+            raise Conflict(f"floating IP of env {env} was created concurrently; retry")
+        return found
+
+    def _release_quietly(self, fip_id: str) -> None:
+        try:
+            with self._errors(f"releasing floating IP {fip_id}"):
+                self.conn.network.delete_ip(fip_id, ignore_missing=True)
+        except Exception:  # noqa: BLE001 - best effort; cleanup finds untagged leftovers
+            pass
+
+    def update_floating_ip(self, fip: FloatingIP, *, target: str | None, state: FipState,
+                           if_revision: str) -> FloatingIP:
+        """One PUT of port_id + description with If-Match: revision_number."""
+        with self._errors(f"updating floating IP {fip.address} (env {fip.env})"):
+            ip = self.conn.network.update_ip(fip.id, port_id=target,
+                                             description=state.encode(),
+                                             if_revision=int(if_revision))
+        return self._to_fip(ip)
+
+    def record_event(self, fip: FloatingIP, event: HistoryEvent) -> None:
+        """Add an ``h:<seq>:<event>`` tag, dropping the oldest beyond HISTORY_KEEP."""
+        with self._errors(f"recording history on floating IP {fip.address}"):
+            ip = self.conn.network.get_ip(fip.id)
+            tags = list(ip.tags or [])
+            hist = sorted(t for t in tags if t.startswith(HISTORY_TAG))
+            seq = int(hist[-1][len(HISTORY_TAG):].split(":", 1)[0]) + 1 if hist else 1
+            hist.append(f"{HISTORY_TAG}{seq:06d}:{event.encode()}"[:255])
+            keep = [t for t in tags if not t.startswith(HISTORY_TAG)] + hist[-HISTORY_KEEP:]
+            self.conn.network.set_tags(ip, keep)
+
+    def delete_floating_ip(self, fip: FloatingIP, *, ignore_missing: bool = True) -> None:
+        """Release the floating IP."""
+        with self._errors(f"releasing floating IP {fip.address}"):
+            self.conn.network.delete_ip(fip.id, ignore_missing=ignore_missing)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300]
