@@ -41,8 +41,12 @@ class waiting:  # noqa: N801 - used as a context manager, reads as a phrase
         _waiting.flag = False
 
 
-def make_celery(config: Config, name: str = "modelserve") -> Celery:
-    """A configured Celery app: durable queue, late acks, time limits, expiring results."""
+def make_celery(config: Config, name: str = "modelserve", confirm_publish: bool = True) -> Celery:
+    """A configured Celery app: durable queue, late acks, time limits, expiring results.
+
+    `confirm_publish` makes every publish wait for the broker's ack (the message is safe on the
+    broker): needed before answering 202, not for a request that waits for its own result anyway.
+    """
     celery = Celery(name, set_as_current=False)
     celery.conf.update(
         broker_url=config.broker_url,
@@ -70,7 +74,7 @@ def make_celery(config: Config, name: str = "modelserve") -> Celery:
         broker_connection_timeout=2.0,
         broker_heartbeat=10,
         # A 202 means the broker has the task on disk: wait for the publisher confirm.
-        broker_transport_options={"confirm_publish": True},
+        broker_transport_options={"confirm_publish": confirm_publish},
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1,
                                    "interval_step": 0.4, "interval_max": 0.5},

@@ -30,6 +30,9 @@ class BrokerClient:
     def __init__(self, config: Config, observe: ObserveFn | None = None):
         self.config = config
         self.celery = make_celery(config, name="modelserve-web")
+        # Synchronous batches skip publisher confirms (~1.5 ms each): a lost publish shows up as
+        # that request's own 503 at its deadline, while a 202 must mean the broker has the task.
+        self.celery_sync = make_celery(config, name="modelserve-web-sync", confirm_publish=False)
         # Celery keeps a backend per thread; lookups and marks share this one instead, so
         # request threads never open Redis connections of their own (thread-safe pool).
         self.results = self.celery._get_backend()
@@ -39,8 +42,9 @@ class BrokerClient:
     def close(self) -> None:
         """Stop the dispatcher and close broker and result-store connections."""
         self.dispatcher.close()
-        self.celery.amqp.producer_pool.force_close_all()
-        self.celery.close()
+        for celery in (self.celery, self.celery_sync):
+            celery.amqp.producer_pool.force_close_all()
+            celery.close()
         self.results.client.close()
         self.results.client.connection_pool.disconnect()
 
@@ -51,8 +55,8 @@ class BrokerClient:
     def _send_and_wait(self, rows: list[list[float]], timeout: float) -> tuple[list[float], str]:
         try:
             with waiting():
-                result = self.celery.send_task(PREDICT_TASK, args=[rows], queue=QUEUE,
-                                               expires=timeout)
+                result = self.celery_sync.send_task(PREDICT_TASK, args=[rows], queue=QUEUE,
+                                                    expires=timeout)
             try:
                 out = result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
             finally:

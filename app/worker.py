@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     celery.set_default()
     node = f"modelserve-{config.role}-{os.getpid()}@{socket.gethostname()}"
     return celery.worker_main([
-        "worker", "--pool=prefork", f"--concurrency={config.worker_concurrency}",
+        "worker", f"--pool={config.source.get('MODELSERVE_WORKER_POOL', 'prefork')}",
+        f"--concurrency={config.worker_concurrency}",
         f"--queues={QUEUE}", f"--hostname={node}",
         f"--loglevel={config.source.get('MODELSERVE_LOG_LEVEL', 'WARNING')}",
         "--without-gossip", "--without-mingle", *(argv or []),

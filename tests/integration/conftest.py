@@ -62,14 +62,14 @@ class Stack:
         return "\n".join(out)
 
 
-def build_stack(predict_timeout: float = 5.0, workers: int = 1) -> Stack:
+def build_stack(predict_timeout: float = 5.0, workers: int = 1, **extra_env: str) -> Stack:
     base = Path(tempfile.mkdtemp(prefix="modelserve-test-"))
     os.chmod(base, 0o755)  # the rabbitmq user must reach its data dir
     broker = svc.RabbitMQ(base / "rabbitmq").start()
     redis = svc.Redis(base / "redis").start()
     env = svc.app_env(broker, redis, MODELSERVE_PREDICT_TIMEOUT=str(predict_timeout),
                       MODELSERVE_RELEASE="test-r1", MODELSERVE_COLOUR="blue",
-                      MODELSERVE_DEPLOY_ID="d-test")
+                      MODELSERVE_DEPLOY_ID="d-test", **extra_env)
     stack = Stack(base=base, broker=broker, redis=redis, env=env)
     for _ in range(workers):
         stack.start_worker()
