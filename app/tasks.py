@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import shared_task
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_process_init
 
 from app.bundle import load_bundle
 from app.celery_app import PREDICT_TASK
@@ -25,15 +25,9 @@ def _runtime():
 
 @worker_process_init.connect
 def _load_model_after_fork(**_kwargs) -> None:
+    # prefork children load here; other pools (MODELSERVE_WORKER_POOL=threads) on first use
     _runtime()
 
-
-@worker_init.connect
-def _load_model_in_thread_pools(sender=None, **_kwargs) -> None:
-    # prefork children load after fork (above); a threads pool shares the main process's model
-    if sender is not None and "prefork" not in type(sender.pool_cls).__name__.lower() \
-            and getattr(sender.pool_cls, "__module__", "").endswith("thread"):
-        _runtime()
 
 
 @shared_task(name=PREDICT_TASK, acks_late=True, reject_on_worker_lost=True)

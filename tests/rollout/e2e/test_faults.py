@@ -20,7 +20,7 @@ from conftest import PY, ROOT, destroy_env, images_mode, run_rollout
 from standin import build_standin
 
 from rollout import cli, executor
-from rollout.clouds.base import BUILDING
+from rollout.clouds.base import BUILDING, CloudBase
 from rollout.errors import CloudError, TransientCloudError
 from rollout.health import fetch_version
 from rollout.seed import parse_user_data
@@ -32,6 +32,8 @@ Exit = cli.ExitCode
 # -- helpers --------------------------------------------------------------------------------
 class Wrapped:
     """The real cloud with some calls replaced (fault injection at the protocol boundary)."""
+
+    wait_for_instance = CloudBase.wait_for_instance  # polls *our* get_instance
 
     def __init__(self, inner, **overrides):
         self._inner = inner
@@ -242,10 +244,21 @@ def test_boot_timeout_removes_the_instance(cloud, live):
     no_orphans(cloud, env, {a})
 
 
+def green_of(cloud, env: str, release: str, proc: subprocess.Popen):
+    """True once the run in ``proc`` holds the lock and has started its green instance."""
+    fip = cloud.find_floating_ip(env)
+    if fip is None or fip.state.lock is None or not fip.state.lock.holder.endswith(
+            f":{proc.pid}"):
+        return False
+    return any(i.deploy_id == fip.state.lock.deploy_id
+               for i in instances_of(cloud, env, release))
+
+
 def test_ctrl_c_mid_deploy_cleans_up_and_exits_130(cloud, live):
     env, fip, a, b = live
+    assert instances_of(cloud, env, b) == []
     proc = start_deploy(env, b)
-    wait_until(lambda: instances_of(cloud, env, b), what="the green instance")
+    wait_until(lambda: green_of(cloud, env, b, proc), what="the green instance")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == Exit.INTERRUPTED, err
@@ -257,8 +270,9 @@ def test_ctrl_c_mid_deploy_cleans_up_and_exits_130(cloud, live):
 
 def test_kill_9_mid_deploy_then_locked_then_cleanup(cloud, live):
     env, fip, a, b = live
+    assert instances_of(cloud, env, b) == []
     proc = start_deploy(env, b)
-    wait_until(lambda: instances_of(cloud, env, b), what="the green instance")
+    wait_until(lambda: green_of(cloud, env, b, proc), what="the green instance")
     proc.kill()
     proc.communicate(timeout=60)
     serving(fip, a)
