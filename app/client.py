@@ -10,6 +10,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
 from app.celery_app import PREDICT_TASK, QUEUE, make_celery, waiting
+from app.codec import pack, unpack
 from app.config import Config
 from app.dispatch import Dispatcher, ObserveFn, Unavailable
 
@@ -55,7 +56,7 @@ class BrokerClient:
     def _send_and_wait(self, rows: list[list[float]], timeout: float) -> tuple[list[float], str]:
         try:
             with waiting():
-                result = self.celery_sync.send_task(PREDICT_TASK, args=[rows], queue=QUEUE,
+                result = self.celery_sync.send_task(PREDICT_TASK, args=[pack(rows)], queue=QUEUE,
                                                     expires=timeout)
             try:
                 out = result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
@@ -66,7 +67,7 @@ class BrokerClient:
                               "(are the workers running?)") from None
         except _TRANSPORT_ERRORS as exc:
             raise Unavailable(f"broker or result store unreachable: {exc}") from None
-        return out["probabilities"], out["sha256"]
+        return unpack(out["probabilities"]).tolist(), out["sha256"]
 
     def submit_async(self, rows: list[list[float]]) -> str:
         """Publish one task (confirmed by the broker) and return its id."""
@@ -76,7 +77,7 @@ class BrokerClient:
             # task with an unknown id, whatever the worker's speed.
             self.results.client.set(_ACCEPTED_PREFIX + task_id, "1",
                                     ex=int(self.celery.conf.result_expires))
-            self.celery.send_task(PREDICT_TASK, args=[rows], queue=QUEUE, task_id=task_id)
+            self.celery.send_task(PREDICT_TASK, args=[pack(rows)], queue=QUEUE, task_id=task_id)
         except _TRANSPORT_ERRORS as exc:
             raise Unavailable(f"broker or result store unreachable: {exc}") from None
         return task_id
@@ -93,7 +94,9 @@ class BrokerClient:
             raise Unavailable(f"result store unreachable: {exc}") from None
         out: dict[str, Any] = {"state": state}
         if state == states.SUCCESS:
-            out["result"] = meta["result"]
+            res = meta["result"]
+            out["result"] = {"probabilities": unpack(res["probabilities"]).tolist(),
+                             "sha256": res["sha256"]}
         elif state in states.PROPAGATE_STATES:
             out["error"] = f"{type(meta['result']).__name__}: {meta['result']}"
         return out

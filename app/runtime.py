@@ -34,10 +34,14 @@ class ModelRuntime:
                                input_signature=[tf.TensorSpec([None, n], tf.float32)])
         self.predict([[0.0] * n])  # trace once now, not on the first request
 
-    def predict(self, rows: list[list[float]]) -> list[float]:
-        """Probabilities for rows given in feature order."""
+    def predict_array(self, rows):
+        """Probabilities (float32 array) for rows given in feature order."""
         x = self._np.asarray(rows, dtype=self._np.float32)
-        return self._fn(x).numpy().reshape(-1).tolist()
+        return self._fn(x).numpy().reshape(-1)
+
+    def predict(self, rows: list[list[float]]) -> list[float]:
+        """Probabilities for rows given in feature order, as Python floats."""
+        return self.predict_array(rows).tolist()
 
 
 def get_runtime(bundle: Bundle) -> ModelRuntime:

@@ -31,7 +31,11 @@ def _load_model_after_fork(**_kwargs) -> None:
 
 
 @shared_task(name=PREDICT_TASK, acks_late=True, reject_on_worker_lost=True)
-def predict(rows: list[list[float]]) -> dict:
-    """Score a batch of rows (feature order) → probabilities and the model's sha256."""
+def predict(rows: dict | list[list[float]]) -> dict:
+    """Score a batch of rows in feature order (packed by app.codec, or plain lists) →
+    {"probabilities": packed float32, "sha256": the model's}."""
+    from app.codec import pack, unpack
+
     runtime = _runtime()
-    return {"probabilities": runtime.predict(rows), "sha256": runtime.sha256}
+    x = unpack(rows) if isinstance(rows, dict) else rows
+    return {"probabilities": pack(runtime.predict_array(x)), "sha256": runtime.sha256}

@@ -133,6 +133,8 @@ def main() -> int:
     parser.add_argument("--paths", default="broker,inprocess,seed", help="comma-separated subset")
     parser.add_argument("--levels", default="1,16,64", help="connection counts")
     parser.add_argument("--no-bulk", action="store_true", help="skip the 10 000-row request")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra MODELSERVE_* setting for the servers (repeatable)")
     parser.add_argument("--serve", choices=["inprocess", "seed"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,7 +146,8 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
     os.chmod(base, 0o755)
     broker, redis = svc.RabbitMQ(base / "rabbitmq").start(), svc.Redis(base / "redis").start()
-    env = svc.app_env(broker, redis, MODELSERVE_RELEASE="bench")
+    env = svc.app_env(broker, redis, MODELSERVE_RELEASE="bench",
+                      **dict(kv.split("=", 1) for kv in args.set))
     body = json.dumps({"instances": [ROW]})
     results: dict = {"machine": {"cpus": os.cpu_count()}, "duration_s": args.duration, "paths": {}}
     procs = []
