@@ -1,9 +1,9 @@
 """Real LXD for the rollout e2e and fault tiers: the local cloud, release images, envs.
 
-Images: by default the real bake (``make image RELEASE=...``, the image tier) once that tier
-exists in the tree; otherwise stand-in images built from the base image (standin.py).
-``ROLLOUT_E2E_IMAGES=real|standin`` forces one. Broken releases (fault cases) are always
-stand-ins: a broken image is the point there.
+Images: ``ROLLOUT_E2E_IMAGES=real`` bakes the two releases with the image tier
+(``make image RELEASE=...``); ``standin`` (the default until the real bake is proven in this
+tier) builds them from the base image with a stdlib app speaking the contract (standin.py).
+Broken releases (fault cases) are always stand-ins: a broken image is the point there.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ PY = sys.executable
 
 
 def images_mode() -> str:
-    mode = os.environ.get("ROLLOUT_E2E_IMAGES")
-    if mode:
-        return mode
-    return "real" if (ROOT / "mk" / "image.mk").exists() else "standin"
+    mode = os.environ.get("ROLLOUT_E2E_IMAGES", "standin")
+    if mode not in ("real", "standin"):
+        pytest.fail(f"ROLLOUT_E2E_IMAGES={mode!r}: use real or standin")
+    return mode
 
 
 def _lxd_answers() -> bool:
