@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Bake the modelserve image for one release: `make image` (LXD) / `make image CLOUD=openstack`.
+
+LXD bakes in two layers so that a release whose dependencies did not change bakes in about a
+minute:
+  deps     OS packages (RabbitMQ, Redis) + the venv with TensorFlow, from the host wheelhouse.
+           Alias modelserve-deps-<key>, where key hashes everything the layer is made of; reused
+           while that key is unchanged.
+  release  the app, the model bundle, units, hardening and clean-up on top of the deps image.
+           Alias modelserve-<release>, with the provenance properties the rollout tool reads.
+OpenStack bakes everything in one go from the cloud's Ubuntu image (layer "full").
+
+Stdlib only (runs before any venv exists); drives the packer binary through subprocess.
+Progress goes to stderr; with --json the result is printed on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+PACKER_DIR = Path(__file__).resolve().parent
+ROOT = PACKER_DIR.parent
+SCRIPTS = ROOT / "image-scripts"
+CACHE = Path(os.environ.get("MODELSERVE_CACHE", "/var/cache/modelserve"))
+WHEELHOUSE = CACHE / "wheelhouse"
+BASE_ALIAS = os.environ.get("MODELSERVE_BASE_ALIAS", "modelserve-base-debian12")
+BRIDGE = os.environ.get("MODELSERVE_LXD_BRIDGE", "msbr0")
+POOL = os.environ.get("MODELSERVE_LXD_POOL", "default")
+BAKE_PROFILE = "modelserve-bake"
+TARGET_PYTHON = "3.11.2"  # Debian 12's python3: markers (python_full_version) need all of it
+RELEASE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,28}[a-z0-9])?$")
+# What the deps layer is made of: any change here (or in the base image) bakes a new one.
+DEPS_SCRIPTS = ("lib.sh", "trust_build_ca.sh", "install_rabbitmq.sh", "create_venv.sh",
+                "cleanup.sh")
+# what image-scripts/lib.sh prints: its ERR trap, and die()
+FAILED_AT = re.compile(r"failed at (\S+\.sh):(\d+) \(exit (\d+)\): (.*)")
+DIED = re.compile(r"\[(\S+\.sh)\] ERROR: (.*) \((\S+\.sh):(\d+)\)$")
+
+
+class BakeError(Exception):
+    """A bake cannot go on; the message says what happened and what to do."""
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr."""
+    print(f"{time.strftime('%H:%M:%S', time.gmtime())} [bake] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a command, capturing text output; raise BakeError naming it on failure."""
+    proc = subprocess.run(cmd, text=True, capture_output=True, **kw)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BakeError(f"{' '.join(cmd[:3])}… failed (exit {proc.returncode}): {detail[0]}")
+    return proc
+
+
+def lxc_ok(*args: str) -> bool:
+    """True when `lxc ARGS` succeeds (existence checks)."""
+    return subprocess.run(["lxc", *args], capture_output=True).returncode == 0
+
+
+# --- provenance -------------------------------------------------------------------------
+
+def git(*args: str) -> str:
+    """Output of a git command in the repo, '' when git or the repo is missing."""
+    proc = subprocess.run(["git", "-C", str(ROOT), *args], text=True, capture_output=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def default_release(now: dt.datetime | None = None) -> str:
+    """r<UTC yyyymmdd-HHMM>-<short git sha>, e.g. r20261126-0630-7c1bfb0 (22 characters)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    sha = git("rev-parse", "--short=7", "HEAD") or "nogit"
+    return f"r{now:%Y%m%d-%H%M}-{sha}"
+
+
+def check_release(release: str) -> str:
+    """The release id, or BakeError when it is not a DNS label of at most 30 characters."""
+    if not RELEASE_RE.match(release):
+        raise BakeError(f"RELEASE={release!r}: use lowercase letters, digits and '-', 1-30 "
+                        "characters, starting and ending with a letter or digit")
+    return release
+
+
+def provenance(app_dir: Path) -> dict[str, str]:
+    """Git sha, app version, model sha256 and held-out accuracy of the tree being baked."""
+    meta_path = app_dir / "bundle" / "metadata.json"
+    model_path = app_dir / "bundle" / "model.keras"
+    if not meta_path.is_file() or not model_path.is_file():
+        raise BakeError(f"no model bundle in {app_dir / 'bundle'} (run `make train`)")
+    meta = json.loads(meta_path.read_text())
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    if digest != meta.get("sha256"):
+        raise BakeError(f"{model_path}: sha256 {digest[:12]}… does not match metadata.json "
+                        f"({str(meta.get('sha256'))[:12]}…): retrain or restore the bundle")
+    accuracy = meta.get("metrics", {}).get("accuracy")
+    if not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
+        raise BakeError(f"{meta_path}: metrics.accuracy missing or not in [0, 1]")
+    match = re.search(r'__version__\s*=\s*["\']([^"\']+)', (app_dir / "__init__.py").read_text())
+    sha = git("rev-parse", "HEAD") or "unknown"
+    if sha != "unknown" and git("status", "--porcelain", "--", "app", "requirements.txt",
+                                "constraints.txt", "image-scripts", "packer/*.hcl"):
+        sha += "-dirty"
+    return {
+        "git_sha": sha,
+        "app_version": match.group(1) if match else "0.0.0",
+        "model_sha256": digest,
+        "model_accuracy": f"{accuracy:g}",
+        "built_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+# --- inputs -----------------------------------------------------------------------------
+
+def extra_ca_pem(spec: str) -> str:
+    """PEM text of the CA certificates to trust during the bake (never kept in the image).
+
+    spec: 'none'; a PEM file; or 'auto' = the certificates the host trusts beyond Debian's
+    Mozilla set (what a corporate or intercepting proxy adds).
+    """
+    if spec == "none":
+        return ""
+    if spec != "auto":
+        path = Path(spec)
+        if not path.is_file():
+            raise BakeError(f"extra CA certificates: no such file {spec}")
+        return path.read_text()
+    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    if not bundle.is_file():
+        return ""
+    pem = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+    mozilla = {"".join(c.split()) for f in Path("/usr/share/ca-certificates").rglob("*.crt")
+               for c in pem.findall(f.read_text(errors="replace"))}
+    extra = [c for c in pem.findall(bundle.read_text()) if "".join(c.split()) not in mozilla]
+    return "\n".join(extra) + ("\n" if extra else "")
+
+
+def app_tarball(dest: Path) -> None:
+    """app/ (package + model bundle) as a tar, without caches."""
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if "__pycache__" in info.name.split("/") or info.name.endswith(".pyc"):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+    with tarfile.open(dest, "w") as tar:
+        tar.add(ROOT / "app", arcname="app", filter=keep)
+
+
+def prepare_inputs(work: Path, extra_ca: str, with_app: bool, scripts_dir: Path) -> Path:
+    """The tarball Packer uploads and unpacks as /tmp/modelserve-build/{inputs,scripts}."""
+    inputs = work / "inputs"
+    inputs.mkdir(parents=True)
+    for name in ("requirements.txt", "constraints.txt"):
+        shutil.copy2(ROOT / name, inputs / name)
+    (inputs / "extra-ca.pem").write_text(extra_ca)
+    if with_app:
+        app_tarball(inputs / "app.tar")
+    tarball = work / "bake-inputs.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(inputs, arcname="inputs")
+        tar.add(scripts_dir, arcname="scripts",
+                filter=lambda i: None if "__pycache__" in i.name else i)
+    return tarball
+
+
+def requirements_key() -> str:
+    """Hash of the pinned requirements and the target Python."""
+    h = hashlib.sha256(TARGET_PYTHON.encode())
+    for name in ("requirements.txt", "constraints.txt"):
+        h.update((ROOT / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ensure_wheelhouse() -> Path:
+    """pip download the pinned requirements once per requirements hash (TensorFlow included)."""
+    stamp = WHEELHOUSE / f".complete-{requirements_key()}"
+    if stamp.exists():
+        return WHEELHOUSE
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    log(f"wheelhouse: pip download of requirements.txt into {WHEELHOUSE}")
+    # pip evaluates environment markers (python_full_version < "3.11.3" pulls async-timeout)
+    # with the interpreter it runs on, so download with one of the image's exact version.
+    python = os.environ.get("MODELSERVE_WHEELHOUSE_PYTHON", "/usr/bin/python3")
+    have = run([python, "-c", "import platform; print(platform.python_version())"]).stdout
+    if have.strip() != TARGET_PYTHON:
+        raise BakeError(f"{python} is Python {have.strip()}, the image has {TARGET_PYTHON}: set "
+                        "MODELSERVE_WHEELHOUSE_PYTHON to a Python of that version with pip")
+    cmd = [python, "-m", "pip", "download", "--disable-pip-version-check",
+           "--only-binary=:all:",
+           "-r", str(ROOT / "requirements.txt"), "-c", str(ROOT / "constraints.txt"),
+           "-d", str(WHEELHOUSE)]
+    for attempt in (1, 2, 3):
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        if proc.returncode == 0:
+            break
+        log(f"pip download failed (try {attempt}/3): {proc.stderr.strip().splitlines()[-1:]}")
+        time.sleep(3 * attempt)
+    else:
+        raise BakeError("pip download of the requirements failed 3 times; see the pip output")
+    for whl in WHEELHOUSE.glob("*.whl"):
+        whl.chmod(0o644)  # read by the unprivileged build container through a bind mount
+    stamp.touch()
+    return WHEELHOUSE
+
+
+# --- LXD --------------------------------------------------------------------------------
+
+def ensure_local_cloud() -> None:
+    """local-cloud/up.sh: daemon, pool, bridge, base image (fast when all is there)."""
+    proc = subprocess.run([str(ROOT / "local-cloud" / "up.sh")])
+    if proc.returncode != 0:
+        raise BakeError("local-cloud/up.sh failed (see above)")
+
+
+def ensure_bake_profile(wheelhouse: Path) -> None:
+    """The build container's profile: bridge NIC, root disk, read-only wheelhouse mount."""
+    body = {
+        "description": "modelserve image bakes (packer lxd source)",
+        # Privileged build containers skip the uid remapping of the whole rootfs on create and
+        # on publish (~30 s each for a TensorFlow venv); only our own scripts run in them.
+        "config": {"security.privileged": "true"},
+        "devices": {
+            "eth0": {"type": "nic", "name": "eth0", "network": BRIDGE},
+            "root": {"type": "disk", "path": "/", "pool": POOL},
+            "wheelhouse": {"type": "disk", "source": str(wheelhouse),
+                           "path": "/mnt/wheelhouse", "readonly": "true"},
+        },
+    }
+    if not lxc_ok("profile", "show", BAKE_PROFILE):
+        subprocess.run(["lxc", "profile", "create", BAKE_PROFILE], capture_output=True)
+    run(["lxc", "profile", "edit", BAKE_PROFILE], input=json.dumps(body))
+
+
+def image_fingerprint(alias: str) -> str | None:
+    """Fingerprint of the image with this alias, or None."""
+    proc = subprocess.run(["lxc", "image", "list", alias, "--format", "json"],
+                          text=True, capture_output=True)
+    if proc.returncode != 0:
+        return None
+    for img in json.loads(proc.stdout or "[]"):
+        if any(a.get("name") == alias for a in img.get("aliases") or []):
+            return img["fingerprint"]
+    return None
+
+
+def deps_key(scripts_dir: Path) -> str:
+    """Hash of everything the deps layer is made of, base image included."""
+    h = hashlib.sha256()
+    h.update(requirements_key().encode())
+    for name in DEPS_SCRIPTS:
+        h.update(name.encode() + (scripts_dir / name).read_bytes())
+    for hcl in sorted(PACKER_DIR.glob("*.pkr.hcl")):
+        h.update(hcl.name.encode() + hcl.read_bytes())
+    h.update((image_fingerprint(BASE_ALIAS) or "no-base").encode())
+    return h.hexdigest()[:16]
+
+
+def prune_deps_images(keep: str, spare: int = 1) -> None:
+    """Delete superseded deps images, sparing the newest `spare` besides the current one."""
+    proc = subprocess.run(["lxc", "image", "list", "modelserve-deps-", "--format", "json"],
+                          text=True, capture_output=True)
+    if proc.returncode != 0:
+        return
+    old = sorted((img for img in json.loads(proc.stdout or "[]")
+                  if img.get("properties", {}).get("modelserve_deps_key")
+                  and not any(a.get("name") == keep for a in img.get("aliases") or [])),
+                 key=lambda img: img.get("created_at", ""), reverse=True)
+    for img in old[spare:]:
+        log(f"pruning superseded deps image {img['fingerprint'][:12]}")
+        subprocess.run(["lxc", "image", "delete", img["fingerprint"]], capture_output=True)
+
+
+@contextlib.contextmanager
+def file_lock(name: str):
+    """An exclusive flock under /run/lock, so concurrent bakes do not bake the same layer."""
+    path = Path("/run/lock") / f"{name}.lock"
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def remove_container(name: str) -> None:
+    """Force-delete a (stale) build container; quiet when it does not exist."""
+    if lxc_ok("info", name):
+        log(f"removing build container {name}")
+        subprocess.run(["lxc", "delete", "--force", name], capture_output=True)
+
+
+# --- packer -----------------------------------------------------------------------------
+
+def packer_build(only: str, variables: dict[str, str], var_file: Path, manifest: Path) -> str:
+    """Run `packer build` for one source; stream its output; return the artifact id."""
+    cmd = ["packer", "build", "-color=false", f"-only={only}", f"-var-file={var_file}",
+           f"-var=manifest_path={manifest}"]
+    cmd += [f"-var={k}={v}" for k, v in variables.items()]
+    cmd.append(".")
+    failed_at = None
+    proc = subprocess.Popen(cmd, cwd=PACKER_DIR, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            sys.stderr.write(line)
+            match = FAILED_AT.search(line)
+            if match and failed_at is None:
+                script, lineno, code, command = match.groups()
+                failed_at = f"{script} failed at line {lineno} (exit {code}): {command.strip()}"
+            match = DIED.search(line.rstrip())
+            if match and failed_at is None:
+                _, message, script, lineno = match.groups()
+                failed_at = f"{script} failed at line {lineno}: {message}"
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        # packer cleans up (build container, no publish) on SIGINT; give it the time to.
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+        raise
+    if rc != 0:
+        if failed_at:
+            raise BakeError(f"provisioner {failed_at}")
+        raise BakeError(f"packer build -only={only} failed (exit {rc}); see the output above")
+    data = json.loads(manifest.read_text())
+    last = [b for b in data["builds"] if b.get("packer_run_uuid") == data.get("last_run_uuid")]
+    if not last:
+        raise BakeError(f"{manifest}: no artifact recorded for the last run")
+    return str(last[-1]["artifact_id"])
+
+
+def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
+    """Deps layer (reused when unchanged) then the release layer, on the local LXD cloud."""
+    image = f"modelserve-{release}"
+    existing = image_fingerprint(image)
+    if existing:
+        raise BakeError(f"{image} already exists (fingerprint {existing[:12]}): images are "
+                        f"immutable; choose another RELEASE or `lxc image delete {image}`")
+    if not args.skip_local_cloud:
+        ensure_local_cloud()
+    wheelhouse = ensure_wheelhouse()
+    ensure_bake_profile(wheelhouse)
+    extra_ca = extra_ca_pem(args.extra_ca_certs)
+    var_file = PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl"
+    common = {"release": release, **prov, "env_name": args.env}
+    result = {"cloud": "lxd", "image": image, "release": release, **prov}
+
+    key = deps_key(args.scripts_dir)
+    deps_alias = f"modelserve-deps-{key}"
+    with file_lock(f"modelserve-bake-{deps_alias}"):
+        deps_fp = image_fingerprint(deps_alias)
+        t0 = time.monotonic()
+        if deps_fp and not args.rebuild_deps:
+            log(f"deps layer {deps_alias} unchanged: reused")
+            result["deps_reused"] = True
+        else:
+            if deps_fp:
+                run(["lxc", "image", "delete", deps_alias])
+            log(f"baking deps layer {deps_alias} (OS packages + venv) from {BASE_ALIAS}")
+            remove_container(f"packer-{deps_alias}")
+            inputs = prepare_inputs(work / "deps", extra_ca, False, args.scripts_dir)
+            deps_fp = packer_build("lxd.modelserve", {
+                **common, "layer": "deps", "deps_key": key, "release": f"deps-{key[:12]}",
+                "lxd_source_image": BASE_ALIAS, "lxd_output_image": deps_alias,
+                "inputs_tarball": str(inputs)}, var_file, work / "manifest-deps.json")
+            result["deps_reused"] = False
+            prune_deps_images(keep=deps_alias)
+        result["deps_seconds"] = round(time.monotonic() - t0, 1)
+    result["deps_image"] = deps_alias
+    result["deps_fingerprint"] = deps_fp
+
+    t0 = time.monotonic()
+    log(f"baking release layer {image} on {deps_alias}")
+    remove_container(f"packer-{image}")
+    inputs = prepare_inputs(work / "release", extra_ca, True, args.scripts_dir)
+    manifest = PACKER_DIR / "manifest.json"
+    try:
+        fingerprint = packer_build("lxd.modelserve", {
+            **common, "layer": "release", "lxd_source_image": deps_alias,
+            "inputs_tarball": str(inputs)}, var_file, manifest)
+    finally:
+        remove_container(f"packer-{image}")  # packer removes it; make sure, even on Ctrl-C
+    result["release_seconds"] = round(time.monotonic() - t0, 1)
+    result["fingerprint"] = fingerprint
+    result["size_bytes"] = image_size(fingerprint)
+    return result
+
+
+def image_size(fingerprint: str) -> int | None:
+    """Size of the published (compressed) LXD image in bytes."""
+    proc = subprocess.run(["lxc", "query", f"/1.0/images/{fingerprint}"], text=True,
+                          capture_output=True)
+    return json.loads(proc.stdout).get("size") if proc.returncode == 0 else None
+
+
+def bake_openstack(args, release: str, prov: dict[str, str], work: Path) -> dict:
+    """One full bake from the cloud's Ubuntu image; credentials from OS_CLOUD or OS_*."""
+    if not (os.environ.get("OS_CLOUD") or os.environ.get("OS_AUTH_URL")):
+        raise BakeError("CLOUD=openstack needs OS_CLOUD (clouds.yaml) or OS_AUTH_URL and the "
+                        "other OS_* variables in the environment")
+    inputs = prepare_inputs(work / "full", extra_ca_pem(args.extra_ca_certs), True,
+                            args.scripts_dir)
+    var_file = PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl"
+    t0 = time.monotonic()
+    image_id = packer_build("openstack.modelserve", {
+        "release": release, **prov, "env_name": args.env, "layer": "full",
+        "inputs_tarball": str(inputs)}, var_file, PACKER_DIR / "manifest.json")
+    return {"cloud": "openstack", "image": f"modelserve-{release}", "release": release, **prov,
+            "fingerprint": image_id, "release_seconds": round(time.monotonic() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; the only place that turns errors into a message and an exit status."""
+    parser = argparse.ArgumentParser(prog="packer/bake.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--cloud", choices=("lxd", "openstack"), default="lxd")
+    parser.add_argument("--release", default="", help="release id (default: r<UTC time>-<sha>)")
+    parser.add_argument("--env", default=os.environ.get("MODELSERVE_ENV", "dev"),
+                        help="packer/env/<ENV>.pkrvars.hcl (default dev)")
+    parser.add_argument("--extra-ca-certs", default=os.environ.get("EXTRA_CA_CERTS", "auto"),
+                        help="PEM file of CAs to trust during the bake, 'auto' or 'none'")
+    parser.add_argument("--scripts-dir", type=Path, default=SCRIPTS,
+                        help="image-scripts directory (tests point it at a broken copy)")
+    parser.add_argument("--rebuild-deps", action="store_true",
+                        help="bake the deps layer again even when it is unchanged")
+    parser.add_argument("--skip-local-cloud", action="store_true",
+                        help="do not run local-cloud/up.sh first")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        if not (PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl").is_file():
+            raise BakeError(f"no packer/env/{args.env}.pkrvars.hcl (ENV={args.env})")
+        if shutil.which("packer") is None:
+            raise BakeError("packer is not installed (apt-get install packer, or make local-cloud)")
+        release = check_release(args.release or default_release())
+        prov = provenance(ROOT / "app")
+        args.scripts_dir = args.scripts_dir.resolve()
+        log(f"release {release}: git {prov['git_sha'][:12]}, app {prov['app_version']}, model "
+            f"{prov['model_sha256'][:12]} (accuracy {prov['model_accuracy']})")
+        with tempfile.TemporaryDirectory(prefix="modelserve-bake-") as tmp:
+            bake = bake_openstack if args.cloud == "openstack" else bake_lxd
+            result = bake(args, release, prov, Path(tmp))
+    except BakeError as exc:
+        print(f"make image: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("make image: interrupted; build container removed, nothing published",
+              file=sys.stderr)
+        return 130
+    result["total_seconds"] = round(time.monotonic() - started, 1)
+    size = result.get("size_bytes")
+    log(f"bake time {result['total_seconds']:.0f} s"
+        + (f" (deps {'reused' if result.get('deps_reused') else 'baked'} in "
+           f"{result['deps_seconds']:.0f} s, release layer {result['release_seconds']:.0f} s)"
+           if "deps_seconds" in result else "")
+        + (f", image {size / 2**20:.0f} MiB" if size else ""))
+    print(f"image {result['image']} fingerprint {result['fingerprint']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+# ci: the bake that CI runs on the local LXD cloud.
+env_name = "ci"
