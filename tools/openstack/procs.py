@@ -13,6 +13,11 @@ import time
 from pathlib import Path
 
 
+# Popen objects of daemons started by this process: kept (never garbage-collected while
+# running, so no ResourceWarning) and reaped by stop(), so no zombie lingers.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
 def _start_time(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -67,6 +72,7 @@ class Procs:
                 break
             time.sleep(0.01)
         (self.run / f"{name}.pid").write_text(f"{proc.pid} {start}\n")
+        _CHILDREN[proc.pid] = proc
         return proc.pid
 
     def names(self) -> list[str]:
@@ -78,6 +84,10 @@ class Procs:
         pid = self.pid(name)
         if not pid:
             return False
+        if pid in _CHILDREN and _CHILDREN[pid].poll() is not None:
+            _CHILDREN.pop(pid)
+            (self.run / f"{name}.pid").unlink(missing_ok=True)
+            return False
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _start_time(pid):
@@ -85,6 +95,9 @@ class Procs:
         if _start_time(pid):
             _signal_group(pid, signal.SIGKILL)
             time.sleep(0.2)
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            child.wait(timeout=5)
         (self.run / f"{name}.pid").unlink(missing_ok=True)
         return True
 

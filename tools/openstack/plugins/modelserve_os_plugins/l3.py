@@ -37,7 +37,7 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
                   else constants.FLOATINGIP_STATUS_DOWN)
         if fip.get("status") != status:
             self.update_floatingip_status(context, fip["id"], status)
-            fip["status"] = status
+            fip = self.get_floatingip(context, fip["id"])  # new status and revision
         self._write_map()
         return fip
 
