@@ -52,11 +52,9 @@ def register_services(harness) -> None:
         "neutron": ("network", f"http://{HOST}:{p.neutron}"),
     }
     for name, (kind, url) in catalog.items():
-        user = idt.find_user(name, domain_id="default")
-        if user is None:
-            user = idt.create_user(name=name, password=pw["service"], domain_id="default")
-        else:
-            idt.update_user(user, password=pw["service"])
+        # created once: re-setting a password would revoke the tokens services hold
+        user = idt.find_user(name, domain_id="default") or idt.create_user(
+            name=name, password=pw["service"], domain_id="default")
         for role in (admin_role, service_role):
             idt.assign_project_role_to_user(service, user, role)
         svc = next(iter(idt.services(type=kind)), None) or idt.create_service(
@@ -84,12 +82,9 @@ def seed_project(harness) -> dict:
     pw = harness.layout.secrets()
     project = idt.find_project(PROJECT) or idt.create_project(
         name=PROJECT, domain_id="default", description="modelserve releases")
-    user = idt.find_user("modelserve", domain_id="default")
-    if user is None:
-        user = idt.create_user(name="modelserve", password=pw["modelserve"],
-                               domain_id="default", default_project_id=project.id)
-    else:
-        idt.update_user(user, password=pw["modelserve"])
+    user = idt.find_user("modelserve", domain_id="default") or idt.create_user(
+        name="modelserve", password=pw["modelserve"], domain_id="default",
+        default_project_id=project.id)
     member = idt.find_role("member")
     idt.assign_project_role_to_user(project, user, member)
 
