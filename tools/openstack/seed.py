@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import tempfile
 from pathlib import Path
 
 import openstack
@@ -153,9 +152,7 @@ def upload_image(conn, release: str, data: bytes, properties: dict | None = None
     props = {"modelserve_release": release,
              "modelserve_model_sha256": hashlib.sha256(data).hexdigest()}
     props.update(properties or {})
-    with tempfile.NamedTemporaryFile() as fh:
-        fh.write(data)
-        fh.flush()
-        return conn.image.create_image(
-            name=name or f"modelserve-{release}", filename=fh.name, disk_format="raw",
-            container_format="bare", visibility="private", wait=True, **props)
+    # data=, not filename=: the SDK leaves a file it opened itself unclosed
+    return conn.image.create_image(
+        name=name or f"modelserve-{release}", data=data, disk_format="raw",
+        container_format="bare", visibility="private", wait=True, **props)
