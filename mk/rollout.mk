@@ -3,8 +3,10 @@
 .PHONY: rollout-deps test-rollout test-rollout-unit demo release rollout-status bench-deploy
 
 ROLLOUT_ENV ?= dev
-# the id of the current tree's release (image tier may define RELEASE first)
-RELEASE ?= $(shell git log -1 --date=format:%Y%m%d%H%M --format=r%cd-%h 2>/dev/null || echo r0)
+# RELEASE comes from mk/image.mk (time + git sha: `make release` makes a new one each time);
+# the demo's release is the tree's commit, so a second `make demo` reuses its image.
+RELEASE ?= $(shell date -u +r%Y%m%d-%H%M)-$(shell git rev-parse --short=7 HEAD 2>/dev/null || echo nogit)
+DEMO_RELEASE ?= g$(shell git rev-parse --short=7 HEAD 2>/dev/null || echo nogit)
 
 TEST_TIERS += tests/rollout
 
@@ -23,8 +25,9 @@ test-rollout: venv rollout-deps ## rollout unit + e2e + fault matrix on real LXD
 
 demo: venv ## local cloud + image (if missing) + deploy; prints the floating-IP URL
 	$(MAKE) local-cloud
-	lxc image info modelserve-$(RELEASE) >/dev/null 2>&1 || $(MAKE) image RELEASE=$(RELEASE)
-	$(PY) -m rollout deploy --env $(ROLLOUT_ENV) --release $(RELEASE)
+	lxc image info modelserve-$(DEMO_RELEASE) >/dev/null 2>&1 || \
+	  $(MAKE) image RELEASE=$(DEMO_RELEASE)
+	$(PY) -m rollout deploy --env $(ROLLOUT_ENV) --release $(DEMO_RELEASE)
 	@$(PY) -m rollout status --env $(ROLLOUT_ENV) --json | $(PY) -c \
 	  'import json,sys; s=json.load(sys.stdin); print("modelserve", s["live"], "is live at", s["url"])'
 

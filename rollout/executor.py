@@ -279,8 +279,15 @@ class Executor:
 
     # -- undo ----------------------------------------------------------------------------
     def undo(self, exc: BaseException) -> None:
-        """Put the floating IP back (if moved, unverified) and delete what this run made."""
+        """Put the floating IP back (if moved, unverified) and delete what this run made.
+
+        Once the switch is verified the new release is live and healthy: it is the truth now,
+        and nothing it runs on is deleted (a later failure, e.g. retiring, is only reported).
+        """
         ctx = self.ctx
+        if self.verified:
+            ctx.reporter.warn(f"{self.plan.release} is live and verified; a later step failed")
+            return
         with _no_interrupts():
             if self.switched_from is not None and not self.verified:
                 old = self.switched_from

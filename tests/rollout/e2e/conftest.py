@@ -56,6 +56,11 @@ def cloud() -> LXDCloud:
 
 def _bake(release: str) -> None:
     if image_exists(f"modelserve-{release}"):
+        props = subprocess.run(["lxc", "image", "get-property", f"modelserve-{release}",
+                                "modelserve_git_sha"], capture_output=True, text=True,
+                               check=False).stdout.strip()
+        if props == "standin":
+            pytest.fail(f"modelserve-{release} is a stand-in image; delete it to bake it for real")
         return
     res = subprocess.run(["make", "-C", str(ROOT), "image", f"RELEASE={release}"],
                          capture_output=True, text=True, check=False)
@@ -67,9 +72,10 @@ def _bake(release: str) -> None:
 @pytest.fixture(scope="session")
 def releases(cloud) -> tuple[str, str]:
     """Two releases A and B with images (real bakes, or stand-ins; see module doc)."""
-    a = os.environ.get("ROLLOUT_E2E_RELEASE_A", "e2e-a")
-    b = os.environ.get("ROLLOUT_E2E_RELEASE_B", "e2e-b")
-    if images_mode() == "real":
+    real = images_mode() == "real"
+    a = os.environ.get("ROLLOUT_E2E_RELEASE_A", "e2e-a" if real else "standin-a")
+    b = os.environ.get("ROLLOUT_E2E_RELEASE_B", "e2e-b" if real else "standin-b")
+    if real:
         _bake(a)
         _bake(b)
     else:

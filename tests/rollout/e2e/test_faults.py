@@ -99,42 +99,42 @@ def live(cloud, releases):
 def broken_releases(cloud):
     """Stand-in releases that are broken on purpose."""
     return {
-        "readyz": build_standin("e2e-broken", fail_readyz=True),
-        "sha": build_standin("e2e-wrongsha", claimed_sha="0" * 64),
-        "worse": build_standin("e2e-worse", accuracy=0.10),
+        "readyz": build_standin("standin-broken", fail_readyz=True),
+        "sha": build_standin("standin-wrongsha", claimed_sha="0" * 64),
+        "worse": build_standin("standin-worse", accuracy=0.10),
     }
 
 
 # -- the cases ------------------------------------------------------------------------------
 def test_release_failing_readyz_is_refused(cloud, live, broken_releases):
     env, fip, a, _ = live
-    res = run_rollout("deploy", "--env", env, "--release", "e2e-broken",
+    res = run_rollout("deploy", "--env", env, "--release", "standin-broken",
                       "--health-timeout", "15")
     assert res.rc == Exit.UNHEALTHY, res
     assert "did not become healthy" in res.json["error"] and "/readyz 503" in res.json["error"]
-    assert instances_of(cloud, env, "e2e-broken") == []  # removed without any cleanup
+    assert instances_of(cloud, env, "standin-broken") == []  # removed without any cleanup
     serving(fip, a)
     no_orphans(cloud, env, {a})
 
 
 def test_wrong_model_is_refused_at_once(cloud, live, broken_releases):
     env, fip, a, _ = live
-    res = run_rollout("deploy", "--env", env, "--release", "e2e-wrongsha")
+    res = run_rollout("deploy", "--env", env, "--release", "standin-wrongsha")
     assert res.rc == Exit.UNHEALTHY, res
     assert "refusing to switch" in res.json["error"]
-    assert instances_of(cloud, env, "e2e-wrongsha") == []
+    assert instances_of(cloud, env, "standin-wrongsha") == []
     serving(fip, a)
     no_orphans(cloud, env, {a})
 
 
 def test_worse_model_is_refused_without_force(cloud, live, broken_releases):
     env, fip, a, _ = live
-    res = run_rollout("deploy", "--env", env, "--release", "e2e-worse")
+    res = run_rollout("deploy", "--env", env, "--release", "standin-worse")
     assert res.rc == Exit.PLAN, res
     assert "--force" in res.json["error"]
-    plan = run_rollout("plan", "--env", env, "--release", "e2e-worse", "--force")
+    plan = run_rollout("plan", "--env", env, "--release", "standin-worse", "--force")
     assert plan.rc == 0 and "overridden" in " ".join(plan.json["notes"])
-    assert instances_of(cloud, env, "e2e-worse") == []
+    assert instances_of(cloud, env, "standin-worse") == []
     serving(fip, a)
 
 

@@ -1,0 +1,221 @@
+"""A stateful in-memory ``Cloud`` whose instances answer real HTTP on loopback addresses.
+
+Each instance gets its own 127.0.0.N address with a tiny app speaking the contract's
+/readyz, /version and prediction routes (from the seed it was given); the floating IP is
+another loopback address whose server forwards each request to the current target's app.
+Faults: ``fail[method] = [exc, ...]`` raises those on the next calls of that method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from rollout.clouds.base import (
+    RUNNING,
+    CloudBase,
+    FipState,
+    FloatingIP,
+    HistoryEvent,
+    Instance,
+    InstanceSpec,
+    Release,
+    by_newest,
+)
+from rollout.errors import Conflict, NotFound
+from rollout.seed import parse_user_data
+
+_octets = itertools.count(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    """The contract's routes for one fake instance."""
+
+    def __init__(self, env: dict[str, str], sha: str, ready: bool = True):
+        self.env, self.sha, self.ready = env, sha, ready
+
+    def answer(self, method: str, path: str) -> tuple[int, dict]:
+        if path == "/readyz":
+            return (200, {"status": "ready"}) if self.ready else (503, {"failed": "model"})
+        if path == "/version":
+            e = self.env
+            return 200, {"release": e["MODELSERVE_RELEASE"], "colour": e["MODELSERVE_COLOUR"],
+                         "role": e["MODELSERVE_ROLE"], "deploy_id": e["MODELSERVE_DEPLOY_ID"],
+                         "model_sha256": self.sha}
+        if method == "POST" and path == "/api/v1/predictions":
+            return 200, {"predictions": [{"probability": 0.3, "label": 0}],
+                         "model": {"version": "1", "sha256": self.sha}}
+        return 404, {"error": "not found"}
+
+
+def serve(address: str, port: int, route) -> ThreadingHTTPServer:
+    """A threaded HTTP server on address:port answering with ``route(method, path)``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _go(self, method: str) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+            code, body = route(method, self.path)
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._go("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._go("POST")
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer((address, port), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+class FakeCloud(CloudBase):
+    """The Cloud protocol in memory, with real HTTP endpoints on loopback."""
+
+    name = "fake"
+
+    def __init__(self, releases: list[Release], port: int):
+        self.releases = by_newest(releases)
+        self.port = port
+        self.instances: dict[str, Instance] = {}
+        self.apps: dict[str, App] = {}
+        self.servers: dict[str, ThreadingHTTPServer] = {}
+        self.fips: dict[str, FloatingIP] = {}
+        self.fip_servers: dict[str, ThreadingHTTPServer] = {}
+        self.fail: dict[str, list[BaseException]] = {}
+        self.unready_releases: set[str] = set()
+        self.calls: list[str] = []
+        self.sleep = lambda s: None
+
+    def _maybe_fail(self, method: str) -> None:
+        self.calls.append(method)
+        queue = self.fail.get(method)
+        if queue:
+            raise queue.pop(0)
+
+    def close(self) -> None:
+        for srv in list(self.servers.values()) + list(self.fip_servers.values()):
+            srv.shutdown()
+            srv.server_close()
+
+    # releases
+    def list_releases(self):
+        self._maybe_fail("list_releases")
+        return list(self.releases)
+
+    def find_release(self, release):
+        return next((r for r in self.releases if r.release == release), None)
+
+    def delete_release(self, release, *, ignore_missing=True):
+        self._maybe_fail("delete_release")
+        self.releases = [r for r in self.releases if r.id != release.id]
+
+    # instances
+    def list_instances(self, env):
+        self._maybe_fail("list_instances")
+        return [i for i in self.instances.values() if env is None or i.env == env]
+
+    def find_instance(self, instance_id):
+        return self.instances.get(instance_id)
+
+    def get_instance(self, instance_id):
+        self._maybe_fail("get_instance")
+        try:
+            return self.instances[instance_id]
+        except KeyError:
+            raise NotFound(f"no instance {instance_id}") from None
+
+    def create_instance(self, spec: InstanceSpec):
+        self._maybe_fail("create_instance")
+        if spec.name in self.instances:
+            raise Conflict(f"{spec.name} exists")
+        address = f"127.0.0.{next(_octets)}"
+        inst = Instance(id=f"id-{spec.name}", name=spec.name, env=spec.labels["env"],
+                        release=spec.labels["release"], colour=spec.labels["colour"],
+                        role=spec.labels["role"], deploy_id=spec.labels["deploy_id"],
+                        status=RUNNING, address=address, port=f"port-{address}",
+                        created_at=spec.labels["created_at"],
+                        model_sha256=spec.labels["model_sha256"])
+        self.instances[inst.id] = inst
+        env = parse_user_data(spec.user_data)
+        app = App(env, spec.release.model_sha256,
+                  ready=spec.release.release not in self.unready_releases)
+        self.apps[inst.id] = app
+        if inst.role == "front":
+            self.servers[inst.id] = serve(address, self.port, app.answer)
+        return inst
+
+    def delete_instance(self, instance_id, *, ignore_missing=True):
+        self._maybe_fail("delete_instance")
+        if instance_id not in self.instances:
+            if ignore_missing:
+                return
+            raise NotFound(instance_id)
+        del self.instances[instance_id]
+        self.apps.pop(instance_id, None)
+        srv = self.servers.pop(instance_id, None)
+        if srv:
+            srv.shutdown()
+            srv.server_close()
+
+    # floating IP
+    def find_floating_ip(self, env):
+        self._maybe_fail("find_floating_ip")
+        return self.fips.get(env)
+
+    def create_floating_ip(self, env, address=None):
+        self._maybe_fail("create_floating_ip")
+        address = address or f"127.0.0.{next(_octets)}"
+        fip = FloatingIP(id=f"fip-{env}", address=address, env=env, target=None, revision="1")
+        self.fips[env] = fip
+
+        def route(method: str, path: str):
+            cur = self.fips.get(env)
+            target = next((i for i in self.instances.values()
+                           if cur and i.port == cur.target), None)
+            if target is None:
+                return 502, {"error": "no target"}
+            return self.apps[target.id].answer(method, path)
+
+        self.fip_servers[env] = serve(address, self.port, route)
+        return fip
+
+    def update_floating_ip(self, fip, *, target, state: FipState, if_revision):
+        self._maybe_fail("update_floating_ip")
+        cur = self.fips[fip.env]
+        if cur.revision != if_revision:
+            raise Conflict(f"revision {cur.revision} != {if_revision}")
+        new = replace(cur, target=target, state=state, revision=str(int(cur.revision) + 1))
+        self.fips[fip.env] = new
+        return new
+
+    def record_event(self, fip, event: HistoryEvent):
+        cur = self.fips[fip.env]
+        self.fips[fip.env] = replace(cur, history=(cur.history + (event,))[-20:])
+
+    def delete_floating_ip(self, fip, *, ignore_missing=True):
+        self.fips.pop(fip.env, None)
+        srv = self.fip_servers.pop(fip.env, None)
+        if srv:
+            srv.shutdown()
+            srv.server_close()

@@ -1,0 +1,217 @@
+"""The executor against an in-memory cloud with real HTTP on loopback (no services).
+
+The invariant of every failure, at any step or in any cloud call, Ctrl-C included: the
+floating IP still points at the live release, nothing this run created remains, the lock is
+free, and the error is the right class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from fakecloud import FakeCloud, free_port
+
+from rollout import executor
+from rollout.clouds.base import Lock, Release
+from rollout.errors import (
+    CloudError,
+    DeployLocked,
+    HealthCheckFailed,
+    PlanError,
+    RolloutError,
+    TransientCloudError,
+)
+from rollout.planner import DeployRequest, RollbackRequest, Step
+
+ENV = "dev"
+
+
+@pytest.fixture
+def cloud():
+    c = FakeCloud([
+        Release("img-a", "modelserve-a", "a", "sha-a", 0.78, built_at="2026-01-01"),
+        Release("img-b", "modelserve-b", "b", "sha-b", 0.78, built_at="2026-01-02"),
+    ], port=free_port())
+    yield c
+    c.close()
+
+
+def ctx_for(cloud: FakeCloud, **kw) -> executor.Context:
+    return executor.Context(cloud=cloud, env=ENV, sleep=lambda s: None, port=cloud.port, **kw)
+
+
+def deploy(cloud, release, workers=0, **kw):
+    ctx = ctx_for(cloud, **kw)
+    return executor.deploy(ctx, DeployRequest(ENV, ctx.deploy_id, release=release,
+                                              workers=workers))
+
+
+def live_release(cloud) -> str | None:
+    fip = cloud.fips.get(ENV)
+    inst = next((i for i in cloud.instances.values() if fip and i.port == fip.target), None)
+    return inst.release if inst else None
+
+
+def test_deploy_rollback_forward(cloud):
+    res = deploy(cloud, "a")
+    assert res["release"] == "a" and live_release(cloud) == "a"
+    res = deploy(cloud, "b")
+    assert res["from_release"] == "a" and live_release(cloud) == "b"
+    assert res["switch_to_traffic_s"] is not None
+    ctx = ctx_for(cloud)
+    executor.rollback(ctx, RollbackRequest(ENV, ctx.deploy_id))
+    assert live_release(cloud) == "a"
+    before = set(cloud.instances)
+    res = deploy(cloud, "b")  # warm: reused, nothing launched
+    assert live_release(cloud) == "b" and set(cloud.instances) == before
+    assert "launch_front" not in [s["kind"] for s in res["steps"]]
+    fip = cloud.fips[ENV]
+    assert fip.state.lock is None and fip.state.previous == "a"
+    assert [(e.action, e.release) for e in fip.history] == [
+        ("deploy", "a"), ("deploy", "b"), ("rollback", "a"), ("deploy", "b")]
+    st = executor.status(ctx_for(cloud))
+    assert st["live"] == "b" and st["previous"] == "a" and st["lock"] is None
+
+
+def _assert_untouched(cloud, before_ids, live="a"):
+    assert live_release(cloud) == live
+    assert set(cloud.instances) == before_ids
+    assert cloud.fips[ENV].state.lock is None
+
+
+@pytest.mark.parametrize("kind", ["launch_front", "health_gate", "switch", "verify"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RolloutError("boom")],
+                         ids=["ctrl-c", "error"])
+def test_failure_before_any_step_leaves_live_serving(cloud, kind, exc):
+    deploy(cloud, "a")
+    before = set(cloud.instances)
+
+    def before_step(step: Step):
+        if step.kind == kind:
+            raise exc
+
+    with pytest.raises(type(exc)):
+        deploy(cloud, "b", before_step=before_step)
+    if kind == "verify":  # the switch verified itself: B is live, and must stay whole
+        assert live_release(cloud) == "b" and cloud.fips[ENV].state.lock is None
+        assert {i.release for i in cloud.instances.values()} == {"a", "b"}
+        return
+    _assert_untouched(cloud, before)
+
+
+def _fail_switch(cloud):
+    orig = cloud.update_floating_ip
+
+    def update(fip, *, target, state, if_revision):
+        if target != fip.target:  # the switch (lock updates keep the target)
+            raise CloudError("neutron 500")
+        return orig(fip, target=target, state=state, if_revision=if_revision)
+    cloud.update_floating_ip = update
+
+
+def _fail_worker(cloud):
+    orig = cloud.create_instance
+
+    def create(spec):
+        if spec.labels["role"] == "worker":
+            raise CloudError("quota exceeded")
+        return orig(spec)
+    cloud.create_instance = create
+
+
+def _instance_error(cloud):
+    cloud.fail["get_instance"] = [CloudError("instance went to ERROR")]
+
+
+@pytest.mark.parametrize("breaker", [_fail_switch, _fail_worker, _instance_error])
+def test_cloud_failure_leaves_live_serving(cloud, breaker):
+    deploy(cloud, "a")
+    before = set(cloud.instances)
+    breaker(cloud)
+    with pytest.raises(CloudError):
+        deploy(cloud, "b", workers=1)
+    _assert_untouched(cloud, before)
+
+
+def test_transient_errors_are_retried(cloud):
+    cloud.fail["create_instance"] = [TransientCloudError("503"), TransientCloudError("503")]
+    cloud.fail["list_releases"] = [TransientCloudError("reset")]
+    deploy(cloud, "a")
+    assert live_release(cloud) == "a"
+    assert cloud.calls.count("create_instance") == 3
+
+
+def test_unhealthy_release_is_refused(cloud):
+    deploy(cloud, "a")
+    before = set(cloud.instances)
+    cloud.unready_releases.add("b")
+    with pytest.raises(HealthCheckFailed, match="did not become healthy"):
+        deploy(cloud, "b", health_timeout=5)
+    _assert_untouched(cloud, before)
+
+
+def test_wrong_model_is_refused(cloud):
+    deploy(cloud, "a")
+    before = set(cloud.instances)
+    cloud.releases = [r if r.release != "b" else Release("img-b", "modelserve-b", "b", "sha-x",
+                                                         0.78, built_at="2026-01-02")
+                      for r in cloud.releases]
+    # the app serves the image's sha; make the image claim another one after launch
+    orig = cloud.create_instance
+
+    def create(spec):
+        inst = orig(spec)
+        cloud.apps[inst.id].sha = "sha-served"
+        return inst
+    cloud.create_instance = create
+    with pytest.raises(HealthCheckFailed, match="refusing to switch"):
+        deploy(cloud, "b")
+    _assert_untouched(cloud, before)
+
+
+def test_a_held_lock_fails_fast_and_can_be_broken(cloud):
+    deploy(cloud, "a")
+    ctx = ctx_for(cloud)
+    with executor.env_lock(ctx):
+        with pytest.raises(DeployLocked, match="locked by"):
+            deploy(cloud, "b")
+    # a dead holder: the lock stays; cleanup --break-lock takes it over and frees it
+    fip = cloud.fips[ENV]
+    cloud.fips[ENV] = replace(fip, state=replace(fip.state, lock=Lock("x@y:1", "t", "dead")))
+    with pytest.raises(DeployLocked):
+        deploy(cloud, "b")
+    executor.cleanup(ctx_for(cloud), keep=2, images=False, break_lock=True)
+    assert cloud.fips[ENV].state.lock is None
+    deploy(cloud, "b")
+    assert live_release(cloud) == "b"
+
+
+def test_rollback_without_previous_is_a_plan_error(cloud):
+    deploy(cloud, "a")
+    ctx = ctx_for(cloud)
+    with pytest.raises(PlanError, match="no previous release"):
+        executor.rollback(ctx, RollbackRequest(ENV, ctx.deploy_id))
+    assert cloud.fips[ENV].state.lock is None
+
+
+def test_cleanup_removes_orphans_but_never_live_or_previous(cloud):
+    cloud.releases.append(Release("img-c", "modelserve-c", "c", "sha-c", 0.78, built_at="2025"))
+    deploy(cloud, "a")
+    deploy(cloud, "b")
+    before = set(cloud.instances)
+
+    def die(step: Step):  # a run that dies after launching, without undo (SIGKILL)
+        if step.kind == "health_gate":
+            raise SystemExit(137)
+
+    ctx = ctx_for(cloud, before_step=die)
+    ex = executor.Executor(ctx, executor.observe(ctx), None,
+                           executor.plan_deploy(executor.observe(ctx),
+                                                DeployRequest(ENV, ctx.deploy_id, release="c")))
+    ex.undo = lambda exc: None  # SIGKILL: no undo
+    with pytest.raises(SystemExit):
+        ex.apply()
+    assert len(cloud.instances) == len(before) + 1
+    executor.cleanup(ctx_for(cloud), keep=2, images=False, break_lock=False)
+    assert set(cloud.instances) == before and live_release(cloud) == "b"
