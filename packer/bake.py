@@ -243,9 +243,22 @@ def ensure_bake_profile(wheelhouse: Path) -> None:
                            "path": "/mnt/wheelhouse", "readonly": "true"},
         },
     }
-    if not lxc_ok("profile", "show", BAKE_PROFILE):
+    have = subprocess.run(["lxc", "query", f"/1.0/profiles/{BAKE_PROFILE}"], text=True,
+                          capture_output=True)
+    if have.returncode == 0:
+        current = json.loads(have.stdout)
+        if current.get("config") == body["config"] and current.get("devices") == body["devices"]:
+            return  # the usual case; editing a profile in use by a concurrent bake would fail
+    else:
         subprocess.run(["lxc", "profile", "create", BAKE_PROFILE], capture_output=True)
-    run(["lxc", "profile", "edit", BAKE_PROFILE], input=json.dumps(body))
+    for attempt in range(1, 31):
+        proc = subprocess.run(["lxc", "profile", "edit", BAKE_PROFILE], input=json.dumps(body),
+                              text=True, capture_output=True)
+        if proc.returncode == 0:
+            return
+        if "busy" not in proc.stderr or attempt == 30:
+            raise BakeError(f"lxc profile edit {BAKE_PROFILE} failed: {proc.stderr.strip()}")
+        time.sleep(2)  # a concurrent bake is creating its build container
 
 
 def image_fingerprint(alias: str) -> str | None:

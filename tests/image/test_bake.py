@@ -1,0 +1,229 @@
+"""A real bake on the local LXD cloud, then real boots from the baked image with NoCloud seeds.
+
+Checks from the host what an operator relies on: provenance properties, cloud-init done,
+/readyz 200, the bundle's own answer to a prediction, services as the non-root user, no
+RabbitMQ guest and the seed's broker user working, only the app port on all interfaces, the
+worker role, image hygiene, and that a failing provisioner leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, bake, seed, sh, test_release_id
+
+pytestmark = pytest.mark.image
+META = json.loads((ROOT / "app" / "bundle" / "metadata.json").read_text())
+PROVENANCE_KEYS = ("modelserve_release", "modelserve_git_sha", "modelserve_app_version",
+                   "modelserve_model_sha256", "modelserve_model_accuracy", "modelserve_built_at")
+
+
+def http(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, dict]:
+    """GET (or POST JSON) from the host; (status, parsed JSON body)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def wait_ready(base: str, timeout: float = 240) -> dict:
+    """Poll /readyz until 200; fail with the last answer."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            status, body = http(f"{base}/readyz")
+            if status == 200:
+                return body
+            last = (status, body)
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(2)
+    pytest.fail(f"{base}/readyz not 200 within {timeout} s; last: {last}")
+
+
+def boot(launch, image: str, user_data: str):
+    """Launch, wait for cloud-init to finish, return the instance."""
+    inst = launch(image, user_data)
+    status = inst.exec("cloud-init", "status", "--wait", "--long", check=False, timeout=300)
+    assert "status: done" in status, status
+    return inst
+
+
+def test_image_carries_its_provenance(baked):
+    info = json.loads(sh("lxc", "query", f"/1.0/images/{baked['fingerprint']}").stdout)
+    props = info["properties"]
+    assert {a["name"] for a in info["aliases"]} == {f"modelserve-{baked['release']}"}
+    assert props["modelserve_release"] == baked["release"]
+    assert props["modelserve_model_sha256"] == META["sha256"]
+    assert float(props["modelserve_model_accuracy"]) == META["metrics"]["accuracy"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", props["modelserve_git_sha"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", props["modelserve_built_at"])
+    assert all(props.get(k) for k in PROVENANCE_KEYS)
+    assert props["os"] and props["description"]
+
+
+def test_front_boots_serving_the_bundle(baked, launch):
+    user_data, creds = seed("front", baked["release"])
+    inst = boot(launch, baked["image"], user_data)
+    base = f"http://{inst.ipv4()}:8080"
+    ready = wait_ready(base)
+    assert ready["checks"]["broker"] == "ok", ready
+
+    sample = META["holdout_sample"][0]
+    status, body = http(f"{base}/api/v1/predictions", {"instances": [sample["features"]]})
+    assert status == 200, body
+    assert body["predictions"][0]["label"] == sample["predicted"]
+    assert body["predictions"][0]["probability"] == pytest.approx(sample["probability"], abs=1e-5)
+    assert body["model"]["sha256"] == META["sha256"]
+    status, version = http(f"{base}/version")
+    assert version["release"] == baked["release"] and version["model_sha256"] == META["sha256"]
+
+    # services run as the non-root service user
+    uid = int(inst.exec("id", "-u", "modelserve"))
+    assert uid != 0
+    for unit in ("modelserve-web", "modelserve-worker"):
+        pid = inst.exec("systemctl", "show", "-p", "MainPID", "--value", unit).strip()
+        assert pid not in ("", "0"), f"{unit} is not running"
+        status_text = inst.exec("cat", f"/proc/{pid}/status")
+        assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s", status_text, re.M), (unit, status_text)
+
+    # RabbitMQ: the seed's user only, no guest; the user authenticates, guest does not
+    users = inst.exec("rabbitmqctl", "-q", "--no-table-headers", "list_users").split()
+    assert "guest" not in users and creds["user"] in users
+    inst.exec("rabbitmqctl", "-q", "authenticate_user", creds["user"], creds["password"])
+    assert "modelserve" in inst.exec("rabbitmqctl", "-q", "--no-table-headers", "list_vhosts")
+    bad = sh("lxc", "exec", inst.name, "--", "rabbitmqctl", "-q", "authenticate_user", "guest",
+             "guest", check=False)
+    assert bad.returncode != 0
+    # Redis wants the seed's password
+    assert "NOAUTH" in inst.exec("redis-cli", "ping", check=False) + inst.exec(
+        "redis-cli", "ping", check=False)
+    assert inst.exec("redis-cli", "--no-auth-warning", "-a", creds["redis"], "ping").strip() == "PONG"
+
+    # only the app port listens on all interfaces
+    wide = [line.split()[3] for line in inst.exec("ss", "-ltnH").splitlines()
+            if not re.match(r"(127\.|\[::1\]|::1)", line.split()[3])]
+    assert wide and all(addr.rsplit(":", 1)[1] == "8080" for addr in wide), wide
+
+
+def test_worker_role_serves_a_front(baked, launch):
+    front_data, creds = seed("front", baked["release"], bind="0.0.0.0")
+    front = boot(launch, baked["image"], front_data)
+    front_ip = front.ipv4()
+    worker_data, _ = seed("worker", baked["release"], broker_host=front_ip, creds=creds)
+    worker = boot(launch, baked["image"], worker_data)
+    for unit in ("rabbitmq-server", "redis-server", "modelserve-web"):
+        state = worker.exec("systemctl", "is-active", unit, check=False).strip()
+        assert state == "inactive", (unit, state)
+    assert worker.exec("systemctl", "is-active", "modelserve-worker").strip() == "active"
+    # the front's own worker stops: predictions must now be answered by the worker instance
+    front.exec("systemctl", "stop", "modelserve-worker")
+    base = f"http://{front_ip}:8080"
+    ready = wait_ready(base)
+    assert ready["checks"]["workers"].startswith("1"), ready
+    sample = META["holdout_sample"][1]
+    status, body = http(f"{base}/api/v1/predictions", {"instances": [sample["features"]]},
+                        timeout=30)
+    assert status == 200, body
+    assert body["predictions"][0]["probability"] == pytest.approx(sample["probability"], abs=1e-5)
+
+
+# a real PEM private key: the header, optional RFC 1421 headers, then base64 lines (code that
+# merely mentions the header, like cloud-init's cc_ssh.py, does not match)
+PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\r?\n"
+                         rb"(?:[A-Za-z-]+: [^\n]*\n)*\r?\n?(?:[A-Za-z0-9+/=]{40,}\r?\n){2,}")
+
+
+def test_image_hygiene(baked, local_cloud, request):
+    """Scan the image's files (a created, never started container) for what must not ship."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bake", ROOT / "packer" / "bake.py")
+    bake_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bake_mod)
+    name = f"ms-imgscan-{baked['fingerprint'][:8]}"
+    sh("lxc", "init", baked["image"], name)
+    request.addfinalizer(lambda: sh("lxc", "delete", "--force", name, check=False))
+    pool = json.loads(sh("lxc", "query", f"/1.0/instances/{name}").stdout)["expanded_devices"]
+    pool_name = pool["root"]["pool"]
+    rootfs = Path(f"/var/lib/lxd/storage-pools/{pool_name}/containers/{name}/rootfs")
+    assert (rootfs / "opt/modelserve/RELEASE.json").is_file()
+
+    ca_lines = [c.split("\n")[2].encode() for c in re.findall(
+        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+        bake_mod.extra_ca_pem("auto"), re.S)]
+    # files byte-identical to what a Debian package shipped are the distribution's, not ours
+    # (libgnutls embeds a self-test key); everything else must hold no private key
+    shipped: dict[str, str] = {}
+    for md5sums in (rootfs / "var/lib/dpkg/info").glob("*.md5sums"):
+        for line in md5sums.read_text(errors="replace").splitlines():
+            digest, _, rel = line.partition("  ")
+            shipped["/" + rel] = digest
+    found: list[str] = []
+    for path in rootfs.rglob("*"):
+        rel = "/" + str(path.relative_to(rootfs))
+        if path.is_symlink() or not path.is_file():
+            continue
+        if path.name in (".bash_history", ".python_history", ".viminfo", ".lesshst"):
+            found.append(f"shell history {rel}")
+        if path.stat().st_size > 4 << 20 or rel.startswith("/usr/share/"):
+            continue
+        data = path.read_bytes()
+        if PRIVATE_KEY.search(data) and hashlib.md5(data).hexdigest() != shipped.get(rel):
+            found.append(f"private key {rel}")
+        if any(line in data for line in ca_lines):
+            found.append(f"build CA certificate {rel}")
+    for rel in ("etc/modelserve/instance.env", "etc/rabbitmq/rabbitmq.conf",
+                "var/lib/rabbitmq/.erlang.cookie", "var/lib/rabbitmq/mnesia"):
+        if (rootfs / rel).exists():
+            found.append(f"instance secret or state /{rel}")
+    if "requirepass" in (rootfs / "etc/redis/modelserve.conf").read_text():
+        found.append("a Redis password in /etc/redis/modelserve.conf")
+    for line in (rootfs / "etc/shadow").read_text().splitlines():
+        user, pw = line.split(":")[:2]
+        if pw.startswith("$") or pw == "":
+            found.append(f"a password (or an empty one) for {user} in /etc/shadow")
+    lists = [p.name for p in (rootfs / "var/lib/apt/lists").iterdir()
+             if p.name not in ("lock", "partial", "auxfiles")]
+    if lists:
+        found.append(f"apt lists {lists[:3]}")
+    if list((rootfs / "etc/ssh").glob("ssh_host_*")) if (rootfs / "etc/ssh").exists() else []:
+        found.append("SSH host keys")
+    if (rootfs / "etc/machine-id").read_text().strip():
+        found.append("a machine-id")
+    if list((rootfs / "usr/local/share/ca-certificates").glob("modelserve-build-*")):
+        found.append("build CA files in /usr/local/share/ca-certificates")
+    assert not found, "\n".join(found)
+
+
+def test_failing_provisioner_names_script_and_line_and_leaves_nothing(baked, tmp_path):
+    scripts = tmp_path / "image-scripts"
+    shutil.copytree(ROOT / "image-scripts", scripts)
+    target = scripts / "install_units.sh"
+    lines = target.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("units=")) + 1
+    lines.insert(at, "false  # injected by the failure-path test\n")
+    target.write_text("".join(lines))
+    release = test_release_id("rtfail")
+    proc, _ = bake(release, "--scripts-dir", str(scripts), "--skip-local-cloud", check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"install_units.sh failed at line {at + 1}" in last, last
+    assert "false" in last
+    containers = json.loads(sh("lxc", "list", "--format", "json").stdout)
+    assert not [c["name"] for c in containers if release in c["name"]]
+    images = json.loads(sh("lxc", "image", "list", "--format", "json").stdout)
+    assert not [i for i in images
+                if i.get("properties", {}).get("modelserve_release") == release
+                or any(release in a["name"] for a in i.get("aliases") or [])]
