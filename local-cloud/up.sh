@@ -16,13 +16,15 @@ source "$here/common.sh"
 BRIDGE="${MODELSERVE_LXD_BRIDGE:-msbr0}"
 SUBNET="${MODELSERVE_LXD_SUBNET:-10.87.42.1/24}"
 POOL="${MODELSERVE_LXD_POOL:-default}"
-LXD_LOG_DIR=/var/log/lxd
-LOCK=/run/lock/modelserve-local-cloud.v2.lock
+# LXD_DIR (honoured by lxd and lxc) lets tests run a private daemon beside the shared one.
+LXD_SOCKET="${LXD_DIR:-/var/lib/lxd}/unix.socket"
+if [[ -n "${LXD_DIR:-}" ]]; then LXD_LOG_DIR="$LXD_DIR/logs"; else LXD_LOG_DIR=/var/log/lxd; fi
+LOCK="/run/lock/modelserve-local-cloud$(echo "${LXD_DIR:-}" | tr / _).v2.lock"
 
 ensure_packages() {
   local missing=() cmd pkg
   for cmd in lxd:lxd lxc:lxd-client mmdebstrap:mmdebstrap nft:nftables dnsmasq:dnsmasq-base \
-             zstd:zstd packer:packer shellcheck:shellcheck; do
+             zstd:zstd curl:curl packer:packer shellcheck:shellcheck; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || missing+=("${cmd#*:}")
   done
   if ((${#missing[@]})); then
@@ -31,22 +33,30 @@ ensure_packages() {
     retry 3 apt-get update -q
     retry 3 apt-get install -y -q --no-install-recommends "${missing[@]}"
   fi
-  for pkg in lxd lxc mmdebstrap nft dnsmasq zstd; do
+  for pkg in lxd lxc mmdebstrap nft dnsmasq zstd curl; do
     command -v "$pkg" >/dev/null || die "$pkg is still missing after apt-get install"
   done
 }
 
 lxd_answers() { timeout 15 lxc query /1.0 >/dev/null 2>&1; }
 
+# 0: someone listens on the daemon's socket; 1: nobody does (absent, or stale after a SIGKILL)
+socket_listened() {
+  [[ -S "$LXD_SOCKET" ]] || return 1
+  local rc=0
+  timeout 10 curl -s -o /dev/null --unix-socket "$LXD_SOCKET" http://lxd/1.0 || rc=$?
+  [[ $rc -ne 7 ]]  # 7 = connection refused; a timeout means a busy but live daemon
+}
+
 ensure_daemon() {
   lxd_answers && return 0
-  if pgrep -x lxd >/dev/null; then
-    log "an lxd process exists but does not answer yet; waiting for it"
+  if socket_listened; then
+    log "the LXD daemon answers slowly; waiting for it"
   else
     log "starting the LXD daemon (no systemd here)"
     mkdir -p "$LXD_LOG_DIR"
     # A SIGKILLed daemon leaves its socket behind; nobody listens on it any more.
-    rm -f /var/lib/lxd/unix.socket
+    rm -f "$LXD_SOCKET"
     # 9>&-: the daemon must not inherit (and so hold forever) our set-up lock.
     setsid lxd --group root --logfile "$LXD_LOG_DIR/lxd.log" 9>&- \
       </dev/null >>"$LXD_LOG_DIR/lxd.stdout" 2>&1 &

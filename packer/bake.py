@@ -273,9 +273,9 @@ def image_fingerprint(alias: str) -> str | None:
     return None
 
 
-def deps_key(scripts_dir: Path) -> str:
+def deps_key(scripts_dir: Path, salt: str = "") -> str:
     """Hash of everything the deps layer is made of, base image included."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(salt.encode())
     h.update(requirements_key().encode())
     for name in DEPS_SCRIPTS:
         h.update(name.encode() + (scripts_dir / name).read_bytes())
@@ -371,7 +371,7 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
     common = {"release": release, **prov, "env_name": args.env}
     result = {"cloud": "lxd", "image": image, "release": release, **prov}
 
-    key = deps_key(args.scripts_dir)
+    key = deps_key(args.scripts_dir, args.deps_salt)
     deps_alias = f"modelserve-deps-{key}"
     with file_lock(f"modelserve-bake-{deps_alias}"):
         deps_fp = image_fingerprint(deps_alias)
@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="image-scripts directory (tests point it at a broken copy)")
     parser.add_argument("--rebuild-deps", action="store_true",
                         help="bake the deps layer again even when it is unchanged")
+    parser.add_argument("--deps-salt", default="",
+                        help="bake a private deps layer (benchmarks), leaving the shared one alone")
     parser.add_argument("--skip-local-cloud", action="store_true",
                         help="do not run local-cloud/up.sh first")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
