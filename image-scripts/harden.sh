@@ -31,5 +31,5 @@ if [[ "${MODELSERVE_KEEP_SSH:-false}" != true ]]; then
   done
 fi
 # Redis: loopback unless firstboot opens it; no protected-mode surprises
-sed -i -E 's/^#?\s*bind .*/bind 127.0.0.1 -::1/' /etc/redis/redis.conf
+sed -i -E 's/^bind .*/bind 127.0.0.1 -::1/' /etc/redis/redis.conf
 log::info "hardened"

@@ -8,6 +8,7 @@
 #   MODELSERVE_LXD_SUBNET   bridge address/prefix          (default 10.87.42.1/24)
 #   MODELSERVE_LXD_POOL     storage pool (dir driver)      (default default)
 #   MODELSERVE_SKIP_BASE=1  do not build/import the base image
+# Usage: up.sh [--packages-only]   (--packages-only: just the host tools, e.g. for lint/tests)
 set -Eeuo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/common.sh
@@ -27,6 +28,8 @@ ensure_packages() {
              zstd:zstd curl:curl packer:packer shellcheck:shellcheck; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || missing+=("${cmd#*:}")
   done
+  # the wheelhouse is downloaded with Debian's own python3 (the image's Python version)
+  /usr/bin/python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -121,6 +124,7 @@ main() {
   exec 9>"$LOCK"
   flock -w 900 9 || die "another local-cloud set-up holds $LOCK"
   ensure_packages
+  [[ "${1:-}" == --packages-only ]] && return 0
   ensure_daemon
   ensure_config
   if [[ "${MODELSERVE_SKIP_BASE:-0}" != 1 ]]; then

@@ -6,6 +6,7 @@ starts what it needs (local-cloud/up.sh) and fails loudly when it cannot.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 import subprocess
@@ -47,12 +48,45 @@ test_release_id.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(scope="session")
-def local_cloud() -> None:
+def host_tools() -> None:
+    """packer, shellcheck, lxc… on the host (local-cloud/up.sh --packages-only)."""
+    proc = subprocess.run([str(ROOT / "local-cloud" / "up.sh"), "--packages-only"], text=True,
+                          capture_output=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"local-cloud/up.sh --packages-only failed:\n{proc.stderr[-4000:]}")
+
+
+STALE_AFTER = 3 * 3600  # leftovers of a killed earlier run of this tier, never a live one
+
+
+def sweep_stale() -> None:
+    """Delete this tier's containers and images left by a run that was killed mid-way."""
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def old(item: dict) -> bool:
+        try:
+            created = dt.datetime.fromisoformat(item.get("created_at", "")[:19])
+        except ValueError:
+            return False
+        return (now - created.replace(tzinfo=dt.timezone.utc)).total_seconds() > STALE_AFTER
+
+    for c in json.loads(sh("lxc", "list", "--format", "json").stdout or "[]"):
+        if c["name"].startswith(("ms-imgtest-", "ms-imgscan-")) and old(c):
+            subprocess.run(["lxc", "delete", "--force", c["name"]], capture_output=True)
+    for img in json.loads(sh("lxc", "image", "list", "--format", "json").stdout or "[]"):
+        rel = img.get("properties", {}).get("modelserve_release", "")
+        if rel.startswith(("rt-", "bench-")) and old(img):
+            subprocess.run(["lxc", "image", "delete", img["fingerprint"]], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def local_cloud(host_tools) -> None:
     """The local LXD cloud (daemon, pool, bridge, base image): set up or fail loudly."""
     proc = subprocess.run([str(ROOT / "local-cloud" / "up.sh")], text=True, capture_output=True,
                           timeout=1200)
     if proc.returncode != 0:
         pytest.fail(f"local-cloud/up.sh failed:\n{proc.stderr[-4000:]}")
+    sweep_stale()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -157,7 +158,8 @@ def test_image_hygiene(baked, local_cloud, request):
     request.addfinalizer(lambda: sh("lxc", "delete", "--force", name, check=False))
     pool = json.loads(sh("lxc", "query", f"/1.0/instances/{name}").stdout)["expanded_devices"]
     pool_name = pool["root"]["pool"]
-    rootfs = Path(f"/var/lib/lxd/storage-pools/{pool_name}/containers/{name}/rootfs")
+    lxd_dir = os.environ.get("LXD_DIR", "/var/lib/lxd")
+    rootfs = Path(f"{lxd_dir}/storage-pools/{pool_name}/containers/{name}/rootfs")
     assert (rootfs / "opt/modelserve/RELEASE.json").is_file()
 
     ca_lines = [c.split("\n")[2].encode() for c in re.findall(

@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.usefixtures("host_tools")]
 PACKER = ROOT / "packer"
 SCRIPTS = sorted((ROOT / "image-scripts").glob("*.sh")) + [
     ROOT / "image-scripts" / "files" / "modelserve-firstboot",
