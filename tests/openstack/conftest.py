@@ -159,9 +159,9 @@ def live_release(conn, env_name):
 
 
 def pytest_collection_modifyitems(items):
-    """Every test here is of the openstack tier; openstacksdk 4.22 warns about its own
-    deprecations (InfluxDB, _compute_attributes) on every connect, not about our code, which `filterwarnings = error` would
-    turn into failures."""
+    """Every test here is of the openstack tier. openstacksdk 4.22 warns about its own
+    deprecations (InfluxDB, _compute_attributes) on every connect, not about our code;
+    `filterwarnings = error` would turn those into failures."""
     here = Path(__file__).resolve().parent
     for item in items:
         if Path(str(item.fspath)).resolve().is_relative_to(here):

@@ -12,7 +12,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 # Popen objects of daemons started by this process: kept (never garbage-collected while
 # running, so no ResourceWarning) and reaped by stop(), so no zombie lingers.
 _CHILDREN: dict[int, subprocess.Popen] = {}

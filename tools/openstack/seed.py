@@ -17,9 +17,11 @@ ROUTER = "modelserve-router"
 SECGROUP = "modelserve"
 KEYPAIR = "modelserve"
 FLAVOR = "m1.small"
-FLAVOR_HUGE = "m1.toobig"  # more vCPUs than the hypervisor has: servers go to ERROR
+FLAVOR_HUGE = "m1.toobig"  # more RAM than the hypervisor has (within quota): servers go to ERROR
 PUBLIC = "public"
 STANDIN_RELEASE = "standin-0"
+QUOTA_INSTANCES = 40
+HUGE_RAM_MB = 256 * 1024  # the process driver's hypervisor has 32 GiB
 
 
 def connect(harness, admin=False, project=PROJECT) -> openstack.connection.Connection:
@@ -86,11 +88,18 @@ def seed_project(harness) -> dict:
         default_project_id=project.id)
     member = idt.find_role("member")
     idt.assign_project_role_to_user(project, user, member)
+    # room for several environments' blue + green (the fault tests lower it on purpose)
+    admin.set_compute_quotas(project.id, instances=QUOTA_INSTANCES, cores=QUOTA_INSTANCES,
+                             ram=2 * HUGE_RAM_MB)
 
     if admin.compute.find_flavor(FLAVOR) is None:
         admin.compute.create_flavor(name=FLAVOR, vcpus=1, ram=512, disk=1, is_public=True)
-    if admin.compute.find_flavor(FLAVOR_HUGE) is None:
-        admin.compute.create_flavor(name=FLAVOR_HUGE, vcpus=512, ram=1024, disk=1,
+    huge = admin.compute.find_flavor(FLAVOR_HUGE)
+    if huge is not None and huge.ram != HUGE_RAM_MB:
+        admin.compute.delete_flavor(huge.id)
+        huge = None
+    if huge is None:
+        admin.compute.create_flavor(name=FLAVOR_HUGE, vcpus=1, ram=HUGE_RAM_MB, disk=1,
                                     is_public=True)
 
     net = admin.network

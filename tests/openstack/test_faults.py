@@ -1,0 +1,209 @@
+"""Faults through the real services. Each ends with the live release serving (asked through
+the floating IP), the floating IP where it was, and nothing of the failed run left behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import pytest
+
+from rollout.cli import run
+from rollout.clouds.base import FipState
+from rollout.clouds.openstack import OpenStackCloud
+from tests.openstack.conftest import (
+    fip_of,
+    live_release,
+    ok,
+    port_of,
+    purge_env,
+    rollout,
+    servers_of,
+)
+from tools.openstack import seed
+
+pytestmark = pytest.mark.openstack
+
+
+def _live_servers(conn, env_name):
+    return [s for s in servers_of(conn, env_name) if s.status != "DELETED"]
+
+
+def assert_clean(conn, env_name, keep_ids, timeout=90):
+    """Only `keep_ids` remain in the env (deletes are asynchronous: wait for them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = {s.id for s in _live_servers(conn, env_name)}
+        if ids == set(keep_ids):
+            break
+        assert time.monotonic() < deadline, f"left behind in {env_name}: {ids - set(keep_ids)}"
+        time.sleep(1)
+    assert len(list(conn.network.ips(tags=f"modelserve-env-{env_name}"))) == 1
+    # every port of the private network belongs to a live server or the router
+    net = conn.network.find_network(seed.NETWORK)
+    all_servers = {s.id for s in conn.compute.servers()}
+    for p in conn.network.ports(network_id=net.id):
+        if (p.device_owner or "").startswith("compute:"):
+            assert p.device_id in all_servers, f"orphan port {p.id} of {p.device_id}"
+
+
+@pytest.fixture(scope="module")
+def fenv(conn):
+    """One environment for the whole fault matrix (each case starts from whatever release is
+    live there, deploying one only if none is): fewer deploys keep the tier cheap in CI."""
+    import secrets
+
+    name = f"f{secrets.token_hex(3)}"
+    yield name
+    purge_env(conn, name)
+
+
+def _status(os_env, env_name):
+    return json.loads(ok(rollout(os_env, "status", "--json", env_name=env_name)).stdout)
+
+
+@pytest.fixture
+def live_a(os_env, conn, releases, fenv):
+    """(env, live server id, live release, the other release), deploying A if nothing is live."""
+    st = _status(os_env, fenv) if list(conn.network.ips(tags=f"modelserve-env-{fenv}")) \
+        else {"live": None}
+    if not st.get("live"):
+        ok(rollout(os_env, "deploy", "--release", releases[0], "--no-probe", env_name=fenv))
+        st = _status(os_env, fenv)
+    live = st["live"]
+    server = next(s for s in _live_servers(conn, fenv)
+                  if s.metadata["modelserve_release"] == live
+                  and fip_of(conn, fenv).port_id == port_of(conn, s.id).id)
+    other = releases[1] if live == releases[0] else releases[0]
+    return fenv, server.id, live, other
+
+
+def _still_serving_a(conn, env_name, server_id, a):
+    assert live_release(conn, env_name) == a
+    assert fip_of(conn, env_name).port_id == port_of(conn, server_id).id
+    assert_clean(conn, env_name, {server_id})
+
+
+def _run_in_process(os_env, monkeypatch, argv, hook):
+    """rollout's CLI in this process, with a before_step hook on the real OpenStack cloud."""
+    for key in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD"):
+        monkeypatch.setenv(key, os_env[key])
+    out, err = io.StringIO(), io.StringIO()
+
+    def configure(ctx):
+        ctx.before_step = hook
+
+    code = run(argv, stdout=out, stderr=err, configure=configure)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_server_in_error_leaves_a_serving(os_env, conn, live_a):
+    env_name, server_a, a, b = live_a
+    proc = rollout(os_env, "deploy", "--release", b, "--no-probe", env_name=env_name,
+                   extra_env={"MODELSERVE_OS_FLAVOR": seed.FLAVOR_HUGE})
+    assert proc.returncode != 0
+    assert "ERROR" in proc.stderr and "No valid host" in proc.stderr, proc.stderr[-2000:]
+    _still_serving_a(conn, env_name, server_a, a)
+
+
+def test_quota_exhaustion_leaves_a_serving(os_env, conn, admin, live_a):
+    env_name, server_a, a, b = live_a
+    project = conn.current_project_id
+    used = len(list(admin.compute.servers(all_projects=True, project_id=project)))
+    admin.set_compute_quotas(project, instances=used)
+    try:
+        proc = rollout(os_env, "deploy", "--release", b, "--no-probe", env_name=env_name)
+    finally:
+        admin.set_compute_quotas(project, instances=seed.QUOTA_INSTANCES)
+    assert proc.returncode != 0
+    assert "quota" in proc.stderr.lower(), proc.stderr[-2000:]
+    _still_serving_a(conn, env_name, server_a, a)
+
+
+def test_concurrent_floating_ip_change_is_refused(os_env, conn, live_a, monkeypatch):
+    """Another operator updates the floating IP between our read and our switch: Neutron
+    answers 412 to our If-Match, and the deploy fails cleanly instead of overwriting."""
+    env_name, server_a, a, b = live_a
+    raced = []
+
+    class RacingCloud(OpenStackCloud):
+        def update_floating_ip(self, fip, *, target, state, if_revision):
+            if target and target != fip.target and not raced:
+                current = fip_of(conn, env_name)  # the other operator's write, for real
+                conn.network.update_ip(current.id, description=current.description)
+                raced.append(current.revision_number)
+            return super().update_floating_ip(fip, target=target, state=state,
+                                              if_revision=if_revision)
+
+    for key in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD"):
+        monkeypatch.setenv(key, os_env[key])
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["deploy", "--cloud", "openstack", "--env", env_name, "--release", b,
+                "--no-probe"], stdout=out, stderr=err, cloud=RacingCloud())
+    assert raced, "the switch never happened"
+    assert code != 0, err.getvalue()
+    assert "412" in err.getvalue(), err.getvalue()[-2000:]
+    _still_serving_a(conn, env_name, server_a, a)
+    assert FipState.decode(fip_of(conn, env_name).description).lock is None
+
+
+def _bounce(harness, name, down_for=3.0):
+    """Stop a service now; start it again in the background after `down_for` seconds."""
+    harness.procs.stop(name)
+
+    def later():
+        time.sleep(down_for)
+        harness.services_up()
+
+    t = threading.Thread(target=later, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("service, at_step", [("nova-api", "launch_front"),
+                                              ("neutron", "switch")])
+def test_service_restart_mid_deploy_is_ridden_out(os_env, conn, harness, live_a, monkeypatch,
+                                                  service, at_step):
+    """Nova's API vanishes as the server is created, or Neutron's as the floating IP is
+    switched: the named retry policies carry the deploy through once it is back."""
+    env_name, _server, _a, b = live_a
+    threads = []
+
+    def hook(step):
+        if step.kind == at_step and not threads:
+            threads.append(_bounce(harness, service))
+
+    code, out, err = _run_in_process(
+        os_env, monkeypatch,
+        ["deploy", "--cloud", "openstack", "--env", env_name, "--release", b, "--no-probe"],
+        hook)
+    assert threads, f"step {at_step} never ran"
+    threads[0].join(120)
+    assert all(harness.status().values()), harness.status()
+    assert code == 0, err[-3000:]
+    assert live_release(conn, env_name) == b
+    sb = [s for s in _live_servers(conn, env_name) if s.metadata["modelserve_release"] == b]
+    assert fip_of(conn, env_name).port_id in {port_of(conn, s.id).id for s in sb}
+
+
+def test_rollback_when_the_previous_server_was_deleted(os_env, conn, releases, live_a):
+    env_name, server_live, live, other = live_a
+    previous = [s for s in _live_servers(conn, env_name)
+                if s.metadata["modelserve_release"] == other]
+    if not previous:  # run alone: make a rollback target first
+        ok(rollout(os_env, "deploy", "--release", other, "--no-probe", env_name=env_name))
+        previous = [s for s in _live_servers(conn, env_name)
+                    if s.metadata["modelserve_release"] == live]
+        server_live = next(s.id for s in _live_servers(conn, env_name)
+                           if s.metadata["modelserve_release"] == other)
+        live, other = other, live
+    for s in previous:
+        conn.compute.delete_server(s.id)
+    for s in previous:
+        conn.compute.wait_for_delete(s, wait=120)
+    proc = rollout(os_env, "rollback", "--no-probe", env_name=env_name)
+    assert proc.returncode != 0
+    assert "roll back" in proc.stderr.lower() or "rollback" in proc.stderr.lower(), proc.stderr
+    _still_serving_a(conn, env_name, server_live, live)
