@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tools.openstack import config
@@ -322,6 +323,8 @@ class Harness:
         self._wsgi("neutron", "neutron.wsgi.api", p.neutron)
         for daemon in ("nova-conductor", "nova-scheduler"):
             self.procs.start(daemon, [str(self.bin / daemon), *nconf], env=self._env(daemon))
+        if not self.procs.pid("nova-compute"):
+            self.compute_started = time.time()
         self.procs.start("nova-compute", [str(self.bin / "python"), "-m",
                                           "modelserve_os_plugins.nova_compute", *nconf],
                          env=self._env("nova-compute"))
@@ -342,9 +345,18 @@ class Harness:
         from tools.openstack import seed
 
         conn = seed.connect(self, admin=True)
-        _wait(lambda: any(s.state == "up" for s in conn.compute.services(
-            binary="nova-compute")), "nova-compute to register", 180, self.procs,
-            "nova-compute")
+        since = getattr(self, "compute_started", 0.0) - 2.0
+
+        def reported() -> bool:
+            # a restarted compute's old record still says "up": wait for this process's report
+            for svc in conn.compute.services(binary="nova-compute"):
+                stamp = (svc.updated_at or "").replace("Z", "")
+                if svc.state == "up" and stamp and datetime.fromisoformat(stamp).replace(
+                        tzinfo=timezone.utc).timestamp() >= since:
+                    return True
+            return False
+
+        _wait(reported, "nova-compute to register", 180, self.procs, "nova-compute", 1.0)
         self._manage("nova-manage", "--config-file", str(self.layout.etc / "nova/nova.conf"),
                      "cell_v2", "discover_hosts", what="nova discover_hosts")
         _wait(lambda: any(True for _ in conn.compute.hypervisors()), "a hypervisor", 120,

@@ -57,6 +57,8 @@ class Procs:
         pid = self.pid(name)
         if pid:
             return pid
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         try:
             proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
