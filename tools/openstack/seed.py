@@ -33,7 +33,8 @@ def connect(harness, admin=False, project=PROJECT) -> openstack.connection.Conne
         auth_url=f"http://{HOST}:{harness.ports.keystone}/v3", username=user,
         password=password, project_name=proj, user_domain_name="Default",
         project_domain_name="Default", region_name=config.REGION, identity_api_version="3",
-        load_yaml_config=False, load_envvars=False)
+        load_yaml_config=False, load_envvars=False,
+        connect_retries=3)  # a pooled connection to a restarted service fails once
 
 
 def register_services(harness) -> None:
