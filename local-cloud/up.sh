@@ -51,11 +51,27 @@ socket_listened() {
   [[ $rc -ne 7 ]]  # 7 = connection refused; a timeout means a busy but live daemon
 }
 
+# The pid of the process listening on the daemon's socket (for a wedged daemon), or nothing.
+socket_owner() {
+  ss -xlpn 2>/dev/null | awk -v s="$LXD_SOCKET" '$5 == s' | grep -o 'pid=[0-9]*' | head -1 \
+    | cut -d= -f2
+}
+
 ensure_daemon() {
   lxd_answers && return 0
   if socket_listened; then
-    log "the LXD daemon answers slowly; waiting for it"
-  else
+    log "the LXD daemon answers slowly; waiting up to 90 s for it"
+    local i pid
+    for ((i = 0; i < 6; i++)); do lxd_answers && return 0; done
+    # Seen once under load: every API call, even GET /, hung for minutes. Restarting the
+    # daemon is safe for instances (their monitors keep running and are re-attached).
+    pid="$(socket_owner)"
+    [[ -n "$pid" ]] || die "LXD does not answer and no process owns $LXD_SOCKET"
+    log "LXD daemon (pid $pid) is wedged: restarting it; instances keep running"
+    kill -9 "$pid"
+    sleep 1
+  fi
+  if ! lxd_answers; then
     log "starting the LXD daemon (no systemd here)"
     mkdir -p "$LXD_LOG_DIR"
     # A SIGKILLed daemon leaves its socket behind; nobody listens on it any more.

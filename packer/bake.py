@@ -385,10 +385,13 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
             log(f"baking deps layer {deps_alias} (OS packages + venv) from {BASE_ALIAS}")
             remove_container(f"packer-{deps_alias}")
             inputs = prepare_inputs(work / "deps", extra_ca, False, args.scripts_dir)
-            deps_fp = packer_build("lxd.modelserve", {
-                **common, "layer": "deps", "deps_key": key, "release": f"deps-{key[:12]}",
-                "lxd_source_image": BASE_ALIAS, "lxd_output_image": deps_alias,
-                "inputs_tarball": str(inputs)}, var_file, work / "manifest-deps.json")
+            try:
+                deps_fp = packer_build("lxd.modelserve", {
+                    **common, "layer": "deps", "deps_key": key, "release": f"deps-{key[:12]}",
+                    "lxd_source_image": BASE_ALIAS, "lxd_output_image": deps_alias,
+                    "inputs_tarball": str(inputs)}, var_file, work / "manifest-deps.json")
+            finally:
+                remove_container(f"packer-{deps_alias}")
             result["deps_reused"] = False
             prune_deps_images(keep=deps_alias)
         result["deps_seconds"] = round(time.monotonic() - t0, 1)
