@@ -393,7 +393,8 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
             finally:
                 remove_container(f"packer-{deps_alias}")
             result["deps_reused"] = False
-            prune_deps_images(keep=deps_alias)
+            if not args.deps_salt:  # a benchmark's private layer supersedes nothing
+                prune_deps_images(keep=deps_alias)
         result["deps_seconds"] = round(time.monotonic() - t0, 1)
     result["deps_image"] = deps_alias
     result["deps_fingerprint"] = deps_fp
