@@ -56,8 +56,10 @@ class BrokerClient:
     def _send_and_wait(self, rows: list[list[float]], timeout: float) -> tuple[list[float], str]:
         try:
             with waiting():
+                # transient: a synchronous task is worthless after its deadline, so the
+                # broker need not write it to disk
                 result = self.celery_sync.send_task(PREDICT_TASK, args=[pack(rows)], queue=QUEUE,
-                                                    expires=timeout)
+                                                    expires=timeout, delivery_mode=1)
             try:
                 out = result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
             finally:

@@ -111,7 +111,7 @@ class Config:
     max_batch_rows: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
     predict_timeout: float = 10.0
-    dispatch_threads: int = 4
+    dispatch_threads: int = 2
     batch_rows: int = 512
     bundle_dir: str = ""
     source: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -146,7 +146,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         max_batch_rows=_int(src, "MODELSERVE_MAX_BATCH_ROWS", 10_000, 1, 1_000_000),
         max_body_bytes=_int(src, "MODELSERVE_MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1 << 30),
         predict_timeout=_float(src, "MODELSERVE_PREDICT_TIMEOUT", 10.0, 0.1, 600.0),
-        dispatch_threads=_int(src, "MODELSERVE_DISPATCH_THREADS", 4, 1, 64),
+        dispatch_threads=_int(src, "MODELSERVE_DISPATCH_THREADS", 2, 1, 64),
         batch_rows=_int(src, "MODELSERVE_BATCH_ROWS", 512, 1, 1_000_000),
         bundle_dir=src.get("MODELSERVE_BUNDLE_DIR", ""),
         source=src,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 from app.bundle import Bundle
 
@@ -44,11 +45,11 @@ class ModelRuntime:
         return self.predict_array(rows).tolist()
 
 
-def get_runtime(bundle: Bundle) -> ModelRuntime:
-    """The process-wide runtime, created on first use."""
+def get_runtime(load: Callable[[], Bundle]) -> ModelRuntime:
+    """The process-wide runtime, created (calling `load` for the bundle) on first use."""
     global _runtime
     if _runtime is None:
         with _lock:
             if _runtime is None:
-                _runtime = ModelRuntime(bundle)
+                _runtime = ModelRuntime(load())
     return _runtime

@@ -20,7 +20,8 @@ def configure(bundle_dir: str) -> None:
 def _runtime():
     from app.runtime import get_runtime
 
-    return get_runtime(load_bundle(_bundle_dir or None, verify=True))
+    # the bundle is read and verified once, when the process first needs the model
+    return get_runtime(lambda: load_bundle(_bundle_dir or None, verify=True))
 
 
 @worker_process_init.connect

@@ -100,6 +100,7 @@ def wrk(url: str, connections: int, duration: int, body: str) -> dict:
 
 
 def bulk(url: str, rows: int, repeats: int) -> dict:
+    """Median time of `repeats` requests of `rows` rows each (after one warm-up request)."""
     body = json.dumps({"instances": [ROW] * rows})
     times = []
     with requests.Session() as s:
@@ -128,7 +129,8 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median kept)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/latest.json")
     parser.add_argument("--paths", default="broker,inprocess,seed", help="comma-separated subset")
     parser.add_argument("--levels", default="1,16,64", help="connection counts")
@@ -149,12 +151,15 @@ def main() -> int:
     env = svc.app_env(broker, redis, MODELSERVE_RELEASE="bench",
                       **dict(kv.split("=", 1) for kv in args.set))
     body = json.dumps({"instances": [ROW]})
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "duration_s": args.duration, "paths": {}}
-    procs = []
+    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
+                     "duration_s": args.duration, "rounds": args.rounds, "paths": {}}
+    names = args.paths.split(",")
+    levels = [int(c) for c in args.levels.split(",")]
+    procs, urls = [], {}
     try:
-        for name in args.paths.split(","):
+        for name in names:  # all servers up at once, so rounds can interleave the paths
             port = svc.free_port()
-            url = f"http://127.0.0.1:{port}"
+            urls[name] = url = f"http://127.0.0.1:{port}"
             if name == "broker":
                 procs.append(svc.start_worker(env, base / "worker.log"))
                 procs.append(svc.start_web(env, base / "web.log", port))
@@ -163,22 +168,34 @@ def main() -> int:
                 procs.append(svc.spawn([sys.executable, __file__, "--serve", name, "--port", str(port)],
                                        base / f"{name}.log", env=env, cwd=ROOT))
                 svc.wait_port(port, 120, procs[-1])
-            print(f"bench: {name} path on {url}", file=sys.stderr)
-            levels = (1,) if name == "seed" else [int(c) for c in args.levels.split(",")]
-            path = results["paths"][name] = {}
             wrk(url, 4, 2, body)  # warm-up
+            print(f"bench: {name} path on {url}", file=sys.stderr)
+        # Machines here are shared and noisy: interleave the paths round by round and keep
+        # the median of each (path, level), so a burst of load elsewhere hits all paths alike.
+        runs: dict = {}
+        for r in range(args.rounds):
             for c in levels:
-                path[f"c{c}"] = wrk(url, c, args.duration, body)
-            if name != "seed" and not args.no_bulk:
-                path["bulk"] = bulk(url, 10_000, 5)
-            for p in procs:
-                svc.stop(p)
-            procs.clear()
+                for name in names:
+                    if name == "seed" and c != 1:
+                        continue
+                    runs.setdefault((name, f"c{c}"), []).append(wrk(urls[name], c, args.duration, body))
+            if not args.no_bulk:
+                for name in names:
+                    if name != "seed":
+                        runs.setdefault((name, "bulk"), []).append(bulk(urls[name], 10_000, 3))
+            print(f"bench: round {r + 1}/{args.rounds} done", file=sys.stderr)
+        for (name, level), samples in runs.items():
+            key = "rows_per_s" if level == "bulk" else "rps"
+            ordered = sorted(samples, key=lambda m: m[key])
+            median = dict(ordered[len(ordered) // 2])
+            median["all_" + key] = [round(m[key], 1) for m in samples]
+            results["paths"].setdefault(name, {})[level] = median
     finally:
         for p in procs:
             svc.stop(p)
         redis.stop()
         broker.stop()
+    results["machine"]["loadavg_end"] = os.getloadavg()[0]
     if set(results["paths"]) != {"broker", "inprocess", "seed"} or args.no_bulk:
         print(json.dumps(results["paths"], indent=1))
         return 0
@@ -209,7 +226,9 @@ def print_table(r: dict) -> None:
         m = r["paths"][name]["bulk"]
         print(f"{name:<10} bulk  {m['rows_per_s']:>9.0f} rows/s ({m['seconds_median'] * 1000:.0f} ms "
               f"per 10 000-row request)")
-    print(f"\nbroker/inprocess at 64 conns: {r['broker_over_inprocess_c64']:.2f} (goal >= 0.8)")
+    print(f"\n(median of {r['rounds']} interleaved rounds of {r['duration_s']} s; load average "
+          f"{r['machine']['loadavg_start']:.1f} → {r['machine']['loadavg_end']:.1f})")
+    print(f"broker/inprocess at 64 conns: {r['broker_over_inprocess_c64']:.2f} (goal >= 0.8)")
     print(f"broker p50 at 1 conn: {r['p50_ms_c1']:.2f} ms (goal <= 5)")
     print(f"bulk rows/s broker/inprocess: {r['bulk_over_inprocess_rows']:.2f} (goal >= 0.5)")
     print(f"broker vs seed at 1 conn: {r['broker_over_seed_c1']:.0f}x the requests/s")
