@@ -3,7 +3,7 @@
 # Included by the top Makefile (-include mk/*.mk).
 .PHONY: openstack-deps openstack-up openstack-down openstack-status test-openstack bench-openstack
 
-OPENSTACK_APT := mariadb-server rabbitmq-server redis-server packer cloud-init openssh-client iproute2
+OPENSTACK_APT := python3-venv mariadb-server rabbitmq-server redis-server packer cloud-init openssh-client iproute2
 
 # Debian packages the harness runs (its Python services come from requirements-openstack.txt
 # in their own venv). Package scripts must not start daemons: the harness starts its own.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -130,4 +131,31 @@ def test_deploy_deploy_rollback_status_history_plan_cleanup(
     left = {s.id for s in servers_of(conn, env_name) if s.status != "DELETED"}
     assert orphan.id not in left
     assert {sa.id, sb.id} <= left
+    assert live_release(conn, env_name) == a
+
+
+def test_worker_tier_joins_the_front_broker(os_env, conn, admin, harness, releases, env_name):
+    """--workers 1: a worker-role server, seeded with its front's address, consumes the
+    front's prediction queue (two consumers on the release's vhost)."""
+    a = releases[0]
+    ok(rollout(os_env, "deploy", "--release", a, "--workers", "1", "--no-probe",
+               env_name=env_name))
+    servers = servers_of(conn, env_name)
+    roles = {s.metadata["modelserve_role"]: s for s in servers}
+    assert sorted(s.metadata["modelserve_role"] for s in servers) == ["front", "worker"]
+    front_ip = next(iter(roles["front"].addresses.values()))[0]["addr"]
+    seeds = {role: parse_user_data(base64.b64decode(
+        admin.compute.get_server(s.id).user_data).decode()) for role, s in roles.items()}
+    assert seeds["worker"]["MODELSERVE_ROLE"] == "worker"
+    assert f"@{front_ip}:5672/" in seeds["worker"]["MODELSERVE_BROKER_URL"]
+    assert seeds["worker"]["MODELSERVE_BROKER_USER"] == seeds["front"]["MODELSERVE_BROKER_USER"]
+    vhost = "ms-" + seeds["front"]["MODELSERVE_BROKER_USER"]
+    deadline = time.monotonic() + 90  # the worker server's Celery may still be starting
+    while True:
+        consumers = harness.rabbitmqctl("list_consumers", "-p", vhost)
+        n = sum(line.startswith("modelserve.predict") for line in consumers.splitlines())
+        if n == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert n == 2, consumers
     assert live_release(conn, env_name) == a

@@ -131,8 +131,9 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
 
     def destroy(self, context, instance, network_info, block_device_info=None,
                 destroy_disks=True, destroy_secrets=True):
-        """Stop the server's processes, then forget it."""
+        """Stop the server's processes, drop a front's broker account, then forget it."""
         self._stop_app(instance.uuid)
+        self._drop_rabbit_account(instance.uuid)
         shutil.rmtree(self._dir(instance.uuid), ignore_errors=True)
         super().destroy(context, instance, network_info, block_device_info,
                         destroy_disks, destroy_secrets)
@@ -215,6 +216,21 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
         if self._rabbitmqctl("add_user", user, password, check=False).returncode != 0:
             self._rabbitmqctl("change_password", user, password)
         self._rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+
+    def _drop_rabbit_account(self, uuid):
+        record = os.path.join(self._dir(uuid), "server.json")
+        try:
+            with open(record) as fh:
+                env = json.load(fh).get("env") or {}
+        except (OSError, ValueError):
+            return
+        if env.get("MODELSERVE_ROLE", "front") != "front" or not self.rabbit_node:
+            return
+        user = urllib.parse.unquote(
+            urllib.parse.urlsplit(env.get("MODELSERVE_BROKER_URL", "")).username or "")
+        if user:
+            self._rabbitmqctl("delete_vhost", "ms-" + user, check=False)
+            self._rabbitmqctl("delete_user", user, check=False)
 
     def _running(self, uuid):
         pids_file = os.path.join(self._dir(uuid), "pids.json")
