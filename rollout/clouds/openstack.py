@@ -220,9 +220,7 @@ class OpenStackCloud(CloudBase):
             norm = STOPPED
         else:
             norm = BUILDING
-        fault = ""
-        if norm == ERROR:
-            fault = ((server.fault or {}).get("message") or "ERROR") if server.fault else "ERROR"
+        fault = ((server.fault or {}).get("message") or "ERROR") if norm == ERROR else ""
         return Instance(
             id=server.id, name=server.name, env=labels["env"], release=labels["release"],
             colour=labels["colour"], role=labels["role"], deploy_id=labels["deploy_id"],
