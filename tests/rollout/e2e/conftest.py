@@ -1,9 +1,11 @@
 """Real LXD for the rollout e2e and fault tiers: the local cloud, release images, envs.
 
-Images: ``ROLLOUT_E2E_IMAGES=real`` bakes the two releases with the image tier
-(``make image RELEASE=...``); ``standin`` (the default until the real bake is proven in this
-tier) builds them from the base image with a stdlib app speaking the contract (standin.py).
+Images: ``ROLLOUT_E2E_IMAGES=real`` (the default) bakes releases A and B of this tree with the
+image tier (``make image RELEASE=e2e-a``); ``standin`` builds them from the base image with a
+stdlib app speaking the contract (standin.py) — minutes faster, for developing the tool.
 Broken releases (fault cases) are always stand-ins: a broken image is the point there.
+Real images are re-baked unless they were baked from this very commit (clean tree);
+``ROLLOUT_E2E_REUSE_IMAGES=1`` reuses whatever exists (development).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ PY = sys.executable
 
 
 def images_mode() -> str:
-    mode = os.environ.get("ROLLOUT_E2E_IMAGES", "standin")
+    mode = os.environ.get("ROLLOUT_E2E_IMAGES", "real")
     if mode not in ("real", "standin"):
         pytest.fail(f"ROLLOUT_E2E_IMAGES={mode!r}: use real or standin")
     return mode
@@ -54,14 +56,24 @@ def cloud() -> LXDCloud:
     return LXDCloud()
 
 
+def _tree_sha() -> str:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+
+
 def _bake(release: str) -> None:
-    if image_exists(f"modelserve-{release}"):
-        props = subprocess.run(["lxc", "image", "get-property", f"modelserve-{release}",
-                                "modelserve_git_sha"], capture_output=True, text=True,
-                               check=False).stdout.strip()
-        if props == "standin":
-            pytest.fail(f"modelserve-{release} is a stand-in image; delete it to bake it for real")
-        return
+    """Bake modelserve-<release> from this tree, unless an image of this very commit exists."""
+    alias = f"modelserve-{release}"
+    if image_exists(alias):
+        have = subprocess.run(["lxc", "image", "get-property", alias, "modelserve_git_sha"],
+                              capture_output=True, text=True, check=False).stdout.strip()
+        if os.environ.get("ROLLOUT_E2E_REUSE_IMAGES") == "1" or (
+                have == _tree_sha() and not have.endswith("-dirty")):
+            return
+        subprocess.run(["lxc", "image", "delete", alias], capture_output=True, check=False)
     res = subprocess.run(["make", "-C", str(ROOT), "image", f"RELEASE={release}"],
                          capture_output=True, text=True, check=False)
     if res.returncode:
@@ -80,7 +92,7 @@ def releases(cloud) -> tuple[str, str]:
         _bake(b)
     else:
         build_standin(a, accuracy=0.78)
-        build_standin(b, accuracy=0.78)
+        build_standin(b, accuracy=0.80)
     return a, b
 
 

@@ -40,8 +40,13 @@ def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = F
     ``claimed_sha``: the image property says this model sha256, the app serves another one.
     """
     alias = f"modelserve-{release}"
+    spec = hashlib.sha256(repr((accuracy, fail_readyz, claimed_sha,
+                                (HERE / "server.py").read_bytes())).encode()).hexdigest()[:16]
     if image_exists(alias):
-        return alias
+        have = lxc("image", "get-property", alias, "standin_spec", check=False).strip()
+        if have == spec:
+            return alias
+        lxc("image", "delete", alias)  # built with other parameters: rebuild
     name = f"ms-standin-build-{release}".replace(".", "-")[:63]
     lxc("delete", "-f", name, check=False)
     lxc("launch", base, name)
@@ -64,7 +69,7 @@ def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = F
             f"modelserve_model_accuracy={accuracy}",
             "modelserve_git_sha=standin", "modelserve_app_version=standin",
             f"modelserve_built_at={stamp}",
-            f"description=modelserve stand-in {release}")
+            f"standin_spec={spec}", f"description=modelserve stand-in {release}")
     finally:
         lxc("delete", "-f", name, check=False)
     return alias

@@ -5,6 +5,10 @@ Faults are real (a release whose /readyz fails, a wrong model, SIGKILL and SIGIN
 rollout process, a concurrent deploy, deleted instances) or injected at the Cloud boundary
 (a wrapper around the real LXDCloud whose chosen call fails). Cases run in file order against
 one env where release A is live; each leaves A live.
+
+A is the e2e tier's release A (the real image when ROLLOUT_E2E_IMAGES=real). The green side of
+the cases that test the tool's own undo paths is the stand-in release ``standin-b`` (launches
+in seconds); the seed-credentials case uses release B, the real app when real.
 """
 
 from __future__ import annotations
@@ -86,12 +90,14 @@ def wait_until(pred, timeout: float = 120.0, what: str = "") -> None:
 # -- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live(cloud, releases):
-    """One env with release A live; destroyed at the end of the module."""
-    a, b = releases
+    """One env with release A live, and the green release G of the tool-fault cases."""
+    a, _ = releases
+    g = "standin-b"
+    build_standin(g, accuracy=0.80)
     env = f"fx{int(time.time()) % 100000}"
     res = run_rollout("deploy", "--env", env, "--release", a)
     assert res.rc == 0, res
-    yield env, res.json["floating_ip"], a, b
+    yield env, res.json["floating_ip"], a, g
     destroy_env(cloud, env)
 
 
@@ -99,8 +105,8 @@ def live(cloud, releases):
 def broken_releases(cloud):
     """Stand-in releases that are broken on purpose."""
     return {
-        "readyz": build_standin("standin-broken", fail_readyz=True),
-        "sha": build_standin("standin-wrongsha", claimed_sha="0" * 64),
+        "readyz": build_standin("standin-broken", fail_readyz=True, accuracy=0.80),
+        "sha": build_standin("standin-wrongsha", claimed_sha="0" * 64, accuracy=0.80),
         "worse": build_standin("standin-worse", accuracy=0.10),
     }
 
@@ -138,10 +144,11 @@ def test_worse_model_is_refused_without_force(cloud, live, broken_releases):
     serving(fip, a)
 
 
-def test_seed_with_bad_credentials_is_refused(cloud, live):
+def test_seed_with_bad_credentials_is_refused(cloud, live, releases):
     """The seed the front gets is corrupted in flight (bad broker password in the URL; the
     stand-in app checks no broker, so there the seed's deploy id is corrupted instead)."""
-    env, fip, a, b = live
+    env, fip, a, _ = live
+    b = releases[1]
     real = images_mode() == "real"
 
     def create_instance(spec):
@@ -339,8 +346,8 @@ def test_rollback_after_previous_was_deleted(cloud, live):
     no_orphans(cloud, env, {a})
 
 
-def test_nothing_to_roll_back_to_and_unknown_release(cloud, releases, new_env):
-    a, _ = releases
+def test_nothing_to_roll_back_to_and_unknown_release(cloud, live, new_env):
+    a = live[3]  # any release does: the fast one
     env = new_env("nr")
     res = run_rollout("rollback", "--env", env)
     assert res.rc == Exit.PLAN and "nothing was ever deployed" in res.json["error"]
