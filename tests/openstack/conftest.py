@@ -69,10 +69,10 @@ def bundle_meta():
 
 @pytest.fixture(scope="session")
 def releases(conn, bundle_meta):
-    """Two release images (A older, B newer) with the real bundle's sha256 and accuracy."""
+    """Three release images (A oldest, then B, C) with the real bundle's sha256 and accuracy."""
     tag = secrets.token_hex(3)
     made = []
-    for n, letter in enumerate("ab"):
+    for n, letter in enumerate("abc"):
         rel = f"t{tag}-{letter}"
         img = seed.upload_image(conn, rel, f"stand-in disk of {rel}".encode(), {
             "modelserve_model_sha256": bundle_meta["sha256"],

@@ -66,7 +66,9 @@ def _status(os_env, env_name):
 
 @pytest.fixture
 def live_a(os_env, conn, releases, fenv):
-    """(env, live server id, live release, the other release), deploying A if nothing is live."""
+    """(env, live server id, live release, a release with no server in the env), deploying A
+    if nothing is live. Deploying that last one always launches a new server (a warm
+    previous release would be switched to without a launch)."""
     st = _status(os_env, fenv) if list(conn.network.ips(tags=f"modelserve-env-{fenv}")) \
         else {"live": None}
     if not st.get("live"):
@@ -76,8 +78,9 @@ def live_a(os_env, conn, releases, fenv):
     server = next(s for s in _live_servers(conn, fenv)
                   if s.metadata["modelserve_release"] == live
                   and fip_of(conn, fenv).port_id == port_of(conn, s.id).id)
-    other = releases[1] if live == releases[0] else releases[0]
-    return fenv, server.id, live, other
+    present = {s.metadata["modelserve_release"] for s in _live_servers(conn, fenv)}
+    fresh = next(r for r in releases if r not in present)
+    return fenv, server.id, live, fresh
 
 
 def _still_serving_a(conn, env_name, server_id, a):
@@ -132,7 +135,9 @@ def test_concurrent_floating_ip_change_is_refused(os_env, conn, live_a, monkeypa
         def update_floating_ip(self, fip, *, target, state, if_revision):
             if target and target != fip.target and not raced:
                 current = fip_of(conn, env_name)  # the other operator's write, for real
-                conn.network.update_ip(current.id, description=current.description)
+                other = json.loads(current.description or "{}")
+                other["x"] = "another operator"  # a real change: Neutron bumps the revision
+                conn.network.update_ip(current.id, description=json.dumps(other))
                 raced.append(current.revision_number)
             return super().update_floating_ip(fip, target=target, state=state,
                                               if_revision=if_revision)
@@ -188,22 +193,25 @@ def test_service_restart_mid_deploy_is_ridden_out(os_env, conn, harness, live_a,
     assert fip_of(conn, env_name).port_id in {port_of(conn, s.id).id for s in sb}
 
 
-def test_rollback_when_the_previous_server_was_deleted(os_env, conn, releases, live_a):
-    env_name, server_live, live, other = live_a
-    previous = [s for s in _live_servers(conn, env_name)
-                if s.metadata["modelserve_release"] == other]
+def test_rollback_when_the_previous_server_was_deleted(os_env, conn, live_a):
+    env_name, server_live, live, fresh = live_a
+    previous = _status(os_env, env_name).get("previous")
     if not previous:  # run alone: make a rollback target first
-        ok(rollout(os_env, "deploy", "--release", other, "--no-probe", env_name=env_name))
-        previous = [s for s in _live_servers(conn, env_name)
-                    if s.metadata["modelserve_release"] == live]
+        ok(rollout(os_env, "deploy", "--release", fresh, "--no-probe", env_name=env_name))
+        previous, live = live, fresh
         server_live = next(s.id for s in _live_servers(conn, env_name)
-                           if s.metadata["modelserve_release"] == other)
-        live, other = other, live
-    for s in previous:
+                           if s.metadata["modelserve_release"] == live)
+    doomed = [s for s in _live_servers(conn, env_name)
+              if s.metadata["modelserve_release"] == previous]
+    assert doomed, f"no server of the rollback target {previous}"
+    for s in doomed:
         conn.compute.delete_server(s.id)
-    for s in previous:
+    for s in doomed:
         conn.compute.wait_for_delete(s, wait=120)
+    keep = {s.id for s in _live_servers(conn, env_name)}
     proc = rollout(os_env, "rollback", "--no-probe", env_name=env_name)
     assert proc.returncode != 0
     assert "roll back" in proc.stderr.lower() or "rollback" in proc.stderr.lower(), proc.stderr
-    _still_serving_a(conn, env_name, server_live, live)
+    assert live_release(conn, env_name) == live
+    assert fip_of(conn, env_name).port_id == port_of(conn, server_live).id
+    assert_clean(conn, env_name, keep)
