@@ -70,18 +70,19 @@ def main() -> int:
     stamp = time.strftime("%m%d%H%M", time.gmtime())
     salt = f"bench-{stamp}-{secrets.token_hex(2)}"
     made: list[str] = []
+    deps_size = None
     try:
         full = bake(f"bench-full-{stamp}", salt)
         made += [full["fingerprint"], full["deps_fingerprint"]]
+        deps_size = json.loads(subprocess.run(
+            ["lxc", "query", f"/1.0/images/{full['deps_fingerprint']}"], capture_output=True,
+            text=True).stdout or "{}").get("size")
         incr = bake(f"bench-incr-{stamp}", salt)
         made.append(incr["fingerprint"])
         ready = launch_to_ready(incr["image"], incr["release"])
     finally:
         for fp in made:
             subprocess.run(["lxc", "image", "delete", fp], capture_output=True)
-    deps_size = json.loads(subprocess.run(
-        ["lxc", "query", f"/1.0/images/{full['deps_fingerprint']}"], capture_output=True,
-        text=True).stdout or "{}").get("size")
     rows = [
         ("full bake (deps layer + release layer)", full["total_seconds"], full["size_bytes"]),
         ("  of which deps layer", full["deps_seconds"], deps_size or full.get("size_bytes")),
