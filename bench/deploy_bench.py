@@ -9,6 +9,7 @@ Measures, in one run and on the same machine:
 Prints a table, writes bench/results/deploy_bench-<time>.json.
 
 Usage: python bench/deploy_bench.py [--a RELEASE] [--b RELEASE] [--rounds N]
+       (MODELSERVE_ROLLOUT_LXD_POOL=<btrfs pool> to launch on a cloning pool; see lxd.py)
 Images must exist (``make image RELEASE=...``); the env it uses is destroyed at the end.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -52,9 +54,10 @@ def baseline_launch(cloud: LXDCloud, release: str) -> float:
         raise SystemExit(f"no image for {release}: make image RELEASE={release}")
     seed = render_user_data(SeedParams("front", "blue", release, "bench0", "bench",
                                        Credentials.generate()))
+    pool = ["-s", cloud.pool] if cloud.pool else []  # the same pool rollout launches on
     t0 = time.monotonic()
-    subprocess.run(["lxc", "launch", rel.name, name, "-c", f"cloud-init.user-data={seed}"],
-                   check=True, capture_output=True)
+    subprocess.run(["lxc", "launch", rel.name, name, *pool, "-c",
+                    f"cloud-init.user-data={seed}"], check=True, capture_output=True)
     try:
         while time.monotonic() - t0 < 300:
             out = subprocess.run(["lxc", "list", name, "-c", "4", "--format", "csv"],
@@ -82,7 +85,9 @@ def main() -> int:
     cloud = LXDCloud()
     env = f"bench{secrets.token_hex(2)}"
     results: dict = {"env": env, "a": args.a, "b": args.b, "rounds": args.rounds,
-                     "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                     "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "pool": cloud.pool or "(profile default)",
+                     "loadavg_start": os.getloadavg()[0]}
     try:
         results["baseline_bare_launch_to_healthz_s"] = round(baseline_launch(cloud, args.b), 3)
         first = rollout("deploy", "--env", env, "--release", args.a, "--no-probe")

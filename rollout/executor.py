@@ -417,7 +417,7 @@ class Executor:
         probe = None
         if ctx.probe and fip.target:
             probe = health.Probe(fip.address, port=ctx.port).start()
-            ctx.sleep(0.3)  # let the probe see the old release first
+            ctx.sleep(0.15)  # let the probe see the old release first
         state = FipState(live=step.release, previous=step.previous or "", lock=self.lock)
         self.switched_from = fip
         t0 = time.monotonic()
@@ -428,7 +428,7 @@ class Executor:
             self._verify(step.release, fip.address, t0)
         finally:
             if probe is not None:
-                ctx.sleep(0.3)
+                ctx.sleep(0.15)  # and the new one after
                 self.probe_result = probe.stop()
                 res = self.probe_result
                 line = (f"probe: {res.failed} failed of {res.total} requests during the "

@@ -88,9 +88,11 @@ class Policy:
 # The policies, by name. Budgets are generous upper bounds; tests inject sleep.
 CLOUD_CALL = Policy("cloud-call", budget=60, wait_min=0.5, wait_max=5,
                     retry_on=(TransientCloudError,))
-INSTANCE_BOOT = Policy("instance-boot", budget=180, wait_min=0.2, wait_max=2,
+# boot and health waits poll cheap local calls: cap the back-off at 1 s so a deploy never
+# idles more than ~1 s past the moment its instance is ready
+INSTANCE_BOOT = Policy("instance-boot", budget=180, wait_min=0.2, wait_max=1,
                        retry_on=(NotReady, TransientCloudError), multiplier=0.2)
-HEALTH_GATE = Policy("health-gate", budget=240, wait_min=0.25, wait_max=2,
+HEALTH_GATE = Policy("health-gate", budget=240, wait_min=0.25, wait_max=1,
                      retry_on=(NotReady, TransientCloudError), multiplier=0.25)
 ROLLBACK_HEALTH = Policy("rollback-health", budget=5, wait_min=0.1, wait_max=0.5,
                          retry_on=(NotReady, TransientCloudError), multiplier=0.1)
