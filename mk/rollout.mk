@@ -1,6 +1,7 @@
 # rollout tier (issue 4): blue-green deploys on the local LXD cloud, the NoCloud seed.
 # Included by the top Makefile (-include mk/*.mk). RELEASE/ENV may come from the command line.
-.PHONY: rollout-deps test-rollout test-rollout-unit demo release rollout-status bench-deploy
+.PHONY: rollout-deps test-rollout test-rollout-unit demo demo-down release rollout-status \
+	bench-deploy
 
 ROLLOUT_ENV ?= dev
 # RELEASE comes from mk/image.mk (time + git sha: `make release` makes a new one each time);
@@ -38,6 +39,9 @@ release: venv ## bake the current tree (app + model bundle) and deploy it (blue-
 
 rollout-status: venv ## live/previous release, instances and images of ROLLOUT_ENV
 	$(PY) -m rollout status --env $(ROLLOUT_ENV)
+
+demo-down: venv ## delete the demo env's instances and floating IP
+	$(PY) -m rollout destroy --env $(ROLLOUT_ENV) --yes
 
 bench-deploy: venv ## deploy time, switch time, rollback time, probe failures -> bench/results/
 	$(PY) bench/deploy_bench.py

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also delete images beyond --keep (never one in use)")
     sp.add_argument("--break-lock", action="store_true",
                     help="take the env lock even if a (dead) run holds it")
+    sp = sub.add_parser("destroy", parents=[common],
+                        help="delete every instance of the env and its floating IP")
+    sp.add_argument("--yes", action="store_true", help="required: this stops the live release")
+    sp.add_argument("--break-lock", action="store_true")
     return p
 
 
@@ -185,6 +189,10 @@ def run(argv: list[str] | None = None, *, stdout=None, stderr=None, cloud=None,
                                    break_lock=args.break_lock)
             if not res["steps"]:
                 err.print("nothing to clean up")
+        elif args.command == "destroy":
+            if not args.yes:
+                raise PlanError(f"destroy stops env {args.env}'s live release: add --yes")
+            res = executor.destroy(ctx, break_lock=args.break_lock)
         else:  # pragma: no cover - argparse enforces the choices
             raise AssertionError(args.command)
         if args.json:

@@ -553,3 +553,21 @@ def history(ctx: Context) -> list[dict]:
     return [{"at": e.at, "action": e.action, "release": e.release,
              "from_release": e.from_release or None, "deploy_id": e.deploy_id}
             for e in fip.history]
+
+
+def destroy(ctx: Context, *, break_lock: bool = False) -> dict:
+    """Delete every instance of the env and its floating IP (the env is gone afterwards)."""
+    names: list[str] = []
+    fip = cloud_call(ctx, lambda: ctx.cloud.find_floating_ip(ctx.env), "reading floating IP")
+    if fip is not None and fip.state.lock and not break_lock:
+        lk = fip.state.lock
+        raise DeployLocked(ctx.env, lk.holder, lk.since, lk.deploy_id)
+    for inst in cloud_call(ctx, lambda: ctx.cloud.list_instances(ctx.env), "listing instances"):
+        with ctx.reporter.step(f"delete {inst.name} ({inst.release}, {inst.role})"):
+            cloud_call(ctx, lambda i=inst.id: ctx.cloud.delete_instance(i), f"deleting {inst.name}")
+        names.append(inst.name)
+    if fip is not None:
+        with ctx.reporter.step(f"release floating IP {fip.address}"):
+            cloud_call(ctx, lambda: ctx.cloud.delete_floating_ip(fip), "deleting floating IP")
+    return {"action": "destroy", "env": ctx.env, "deleted": names,
+            "floating_ip": fip.address if fip else None}

@@ -215,3 +215,14 @@ def test_cleanup_removes_orphans_but_never_live_or_previous(cloud):
     assert len(cloud.instances) == len(before) + 1
     executor.cleanup(ctx_for(cloud), keep=2, images=False, break_lock=False)
     assert set(cloud.instances) == before and live_release(cloud) == "b"
+
+
+def test_destroy_removes_the_env_and_respects_a_lock(cloud):
+    deploy(cloud, "a")
+    deploy(cloud, "b")
+    ctx = ctx_for(cloud)
+    with executor.env_lock(ctx):
+        with pytest.raises(DeployLocked):
+            executor.destroy(ctx_for(cloud))
+    res = executor.destroy(ctx_for(cloud))
+    assert len(res["deleted"]) == 2 and cloud.instances == {} and ENV not in cloud.fips
