@@ -55,7 +55,7 @@ def _check_seed(admin, server, *, release, colour, env_name, tmp_path):
 
 def test_deploy_deploy_rollback_status_history_plan_cleanup(
         os_env, conn, admin, releases, env_name, cloud, tmp_path):
-    a, b = releases
+    a, b = releases[:2]
     images = {i.properties.get("modelserve_release"): i.id for i in conn.image.images()
               if (i.properties or {}).get("modelserve_release") in (a, b)}
 

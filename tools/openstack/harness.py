@@ -10,6 +10,7 @@ SIGKILL of everything picks up where things are.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import shutil
@@ -385,22 +386,24 @@ class Harness:
         return self.timings
 
     def app_pids(self) -> list[int]:
-        """PIDs of app processes the compute driver started for servers."""
-        import json
+        """Live PIDs of app processes the compute driver started for servers (checked
+        against their recorded start time, so a recycled PID is never ours)."""
+        from tools.openstack.procs import _start_time
 
         pids = []
         for f in (self.layout.state / "instances").glob("*/pids.json"):
             try:
-                pids += list(json.loads(f.read_text()).values())
+                entries = json.loads(f.read_text()).values()
             except (OSError, ValueError):
                 continue
+            pids += [pid for pid, start in entries if start and _start_time(pid) == start]
         return pids
 
     def down(self) -> list[str]:
         """Stop what `up` started (by PID file), and the servers' app processes."""
         import signal as _signal
 
-        from tools.openstack.procs import _signal_group, pid_alive
+        from tools.openstack.procs import _signal_group
 
         stopped = []
         order = ["fip-forwarder", "nova-compute", "nova-scheduler", "nova-conductor",
@@ -410,8 +413,7 @@ class Harness:
             if self.procs.stop(name):
                 stopped.append(name)
         for pid in self.app_pids():
-            if pid_alive(pid):
-                _signal_group(pid, _signal.SIGTERM)
+            _signal_group(pid, _signal.SIGTERM)
         for f in (self.layout.state / "instances").glob("*/pids.json"):
             f.unlink(missing_ok=True)
         if self.procs.pid("rabbitmq"):

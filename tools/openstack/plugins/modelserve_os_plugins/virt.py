@@ -191,8 +191,12 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
         with open(os.path.join(idir, f"{name}.pid"), "w") as fh:
             fh.write(str(proc.pid))
         pids = os.path.join(idir, "pids.json")
-        known = json.load(open(pids)) if os.path.exists(pids) else {}
-        known[name] = proc.pid
+        known = {}
+        if os.path.exists(pids):
+            with open(pids) as fh:
+                known = json.load(fh)
+        # PID + start time: a PID recycled after a SIGKILLed session is never mistaken for ours
+        known[name] = [proc.pid, _start_time(proc.pid)]
         with open(pids, "w") as fh:
             json.dump(known, fh)
 
@@ -237,23 +241,24 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
         if not os.path.exists(pids_file):
             return False
         with open(pids_file) as fh:
-            return all(_alive(p) for p in json.load(fh).values())
+            return all(_alive(*p) for p in json.load(fh).values())
 
     def _stop_app(self, uuid):
         pids_file = os.path.join(self._dir(uuid), "pids.json")
         if not os.path.exists(pids_file):
             return
-        pids = list(json.load(open(pids_file)).values())
-        for pid in pids:
+        with open(pids_file) as fh:
+            entries = [p for p in json.load(fh).values() if _alive(*p)]
+        for pid, _start in entries:
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(_alive(*p) for p in entries):
             time.sleep(0.2)
-        for pid in pids:
-            if _alive(pid):
+        for pid, start in entries:
+            if _alive(pid, start):
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -261,13 +266,17 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
         os.unlink(pids_file)
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+def _start_time(pid):
+    """Field 22 of /proc/PID/stat, or None when gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
+            fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _alive(pid, start=None):
+    """True if PID runs, is not a zombie and (when given) started when we recorded."""
+    now = _start_time(pid)
+    return now is not None and (start is None or now == start)
