@@ -322,6 +322,13 @@ class CloudBase:
 
     sleep = staticmethod(time.sleep)
 
+    def find_instance(self, instance_id: str) -> Instance | None:
+        """``get_instance``, or None where it raises NotFound."""
+        try:
+            return self.get_instance(instance_id)  # type: ignore[attr-defined]
+        except NotFound:
+            return None
+
     def wait_for_instance(self, instance_id: str, *, timeout: float) -> Instance:
         """Poll ``get_instance`` (INSTANCE_BOOT policy) until RUNNING with an address."""
         from rollout.errors import CloudError

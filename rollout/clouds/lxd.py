@@ -192,13 +192,6 @@ class LXDCloud(CloudBase):
             out = [i for i in out if i.env == env]
         return sorted(out, key=lambda i: (i.created_at, i.name))
 
-    def find_instance(self, instance_id: str) -> Instance | None:
-        """One container by name, or None (also when it is not rollout's)."""
-        try:
-            return self.get_instance(instance_id)
-        except NotFound:
-            return None
-
     def get_instance(self, instance_id: str) -> Instance:
         """One container by name, or NotFound."""
         with self._errors(f"reading instance {instance_id}"):

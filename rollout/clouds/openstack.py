@@ -238,13 +238,6 @@ class OpenStackCloud(CloudBase):
             out = [i for i in out if i.env == env]
         return sorted(out, key=lambda i: (i.created_at, i.name))
 
-    def find_instance(self, instance_id: str) -> Instance | None:
-        """One server by id, or None."""
-        try:
-            return self.get_instance(instance_id)
-        except NotFound:
-            return None
-
     def get_instance(self, instance_id: str) -> Instance:
         """One server by id, or NotFound."""
         with self._errors(f"reading server {instance_id}"):

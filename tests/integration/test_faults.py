@@ -89,19 +89,25 @@ def test_broker_restart_under_load_loses_nothing_accepted(fstack, holdout):
         assert abs(body["predictions"][0]["probability"] - expected[i]) < 2e-6
 
 
+def submit_bulk(stack, instances, tasks):
+    """Accept `tasks` async 10 000-row predictions; their status URLs."""
+    rows = (instances * 31)[:10_000]
+    urls = []
+    for _ in range(tasks):
+        r = requests.post(stack.url + "/api/v1/predictions", params={"async": "true"},
+                          json={"instances": rows}, timeout=30)
+        assert r.status_code == 202
+        urls.append(r.json()["status_url"])
+    return urls
+
+
 def _children(proc):
     return psutil.Process(proc.pid).children(recursive=True)
 
 
 def test_sigkilled_worker_processes_mid_task_are_redelivered(fstack, holdout):
     instances, expected = holdout
-    rows = (instances * 31)[:10_000]
-    urls = []
-    for _ in range(24):
-        r = requests.post(fstack.url + "/api/v1/predictions", params={"async": "true"},
-                          json={"instances": rows}, timeout=30)
-        assert r.status_code == 202
-        urls.append(r.json()["status_url"])
+    urls = submit_bulk(fstack, instances, tasks=24)
     # The pool is busy with 10 000-row tasks: kill its processes while they work.
     worker = fstack.workers[0]
     for victim in _children(worker)[:2]:
@@ -117,13 +123,7 @@ def test_sigkilled_worker_processes_mid_task_are_redelivered(fstack, holdout):
 
 def test_whole_worker_killed_then_replaced_completes_its_tasks(fstack, holdout):
     instances, expected = holdout
-    rows = (instances * 31)[:10_000]
-    urls = []
-    for _ in range(16):
-        r = requests.post(fstack.url + "/api/v1/predictions", params={"async": "true"},
-                          json={"instances": rows}, timeout=30)
-        assert r.status_code == 202
-        urls.append(r.json()["status_url"])
+    urls = submit_bulk(fstack, instances, tasks=16)
     worker = fstack.workers.pop()
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait(10)
