@@ -203,6 +203,11 @@ def main() -> int:
     results.update({
         "broker_over_inprocess_c64": round(b["c64"]["rps"] / i["c64"]["rps"], 3),
         "broker_over_inprocess_c16": round(b["c16"]["rps"] / i["c16"]["rps"], 3),
+        # The in-process server falls off a cliff past ~48 connections here (waitress + TF in
+        # one process: ~130 req/s at 64 against ~1000 at 16 or 32), which flatters the ratio
+        # above; this one divides by the best in-process rate at any level instead.
+        "broker_c64_over_inprocess_best": round(
+            b["c64"]["rps"] / max(m["rps"] for k, m in i.items() if k != "bulk"), 3),
         "p50_ms_c1": b["c1"]["p50_ms"],
         "bulk_over_inprocess_rows": round(b["bulk"]["rows_per_s"] / i["bulk"]["rows_per_s"], 3),
         "broker_over_seed_c1": round(b["c1"]["rps"] / results["paths"]["seed"]["c1"]["rps"], 1),
@@ -229,6 +234,8 @@ def print_table(r: dict) -> None:
     print(f"\n(median of {r['rounds']} interleaved rounds of {r['duration_s']} s; load average "
           f"{r['machine']['loadavg_start']:.1f} → {r['machine']['loadavg_end']:.1f})")
     print(f"broker/inprocess at 64 conns: {r['broker_over_inprocess_c64']:.2f} (goal >= 0.8)")
+    print(f"broker at 64 conns / best in-process rate at any level: "
+          f"{r['broker_c64_over_inprocess_best']:.2f}")
     print(f"broker p50 at 1 conn: {r['p50_ms_c1']:.2f} ms (goal <= 5)")
     print(f"bulk rows/s broker/inprocess: {r['bulk_over_inprocess_rows']:.2f} (goal >= 0.5)")
     print(f"broker vs seed at 1 conn: {r['broker_over_seed_c1']:.0f}x the requests/s")
