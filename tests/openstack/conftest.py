@@ -69,10 +69,13 @@ def bundle_meta():
 
 @pytest.fixture(scope="session")
 def releases(conn, bundle_meta):
-    """Three release images (A oldest, then B, C) with the real bundle's sha256 and accuracy."""
+    """Release images (A oldest, then B, C, …) with the real bundle's sha256 and accuracy.
+
+    Five, not three: the fault matrix deploys a release with no server in its env each time,
+    and a case that leaves an extra warm release behind must not exhaust the supply."""
     tag = secrets.token_hex(3)
     made = []
-    for n, letter in enumerate("abc"):
+    for n, letter in enumerate("abcde"):
         rel = f"t{tag}-{letter}"
         img = seed.upload_image(conn, rel, f"stand-in disk of {rel}".encode(), {
             "modelserve_model_sha256": bundle_meta["sha256"],
