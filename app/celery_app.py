@@ -20,7 +20,7 @@ class ResultBackend(RedisBackend):
 
     Why Redis: results must outlive a RabbitMQ restart (a 202-accepted task is fetched later,
     possibly by another web thread), and worker-only instances must reach the same store;
-    `rpc://` keeps results in a per-client reply queue, which DESIGN.md saw break when client
+    `rpc://` keeps results in a per-client reply queue, which docs/design.md records break when client
     threads were replaced. Why this subclass: the stock backend subscribes on every publish,
     so fire-and-forget (async) publishes from request threads would pile up subscriptions on
     sockets nobody drains. Only the dispatcher's fixed threads wait, inside `waiting()`.

@@ -32,8 +32,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.openstack import config, seed  # noqa: E402
-from tools.openstack.harness import Harness  # noqa: E402
+from localcloud.openstack import config, seed  # noqa: E402
+from localcloud.openstack.harness import Harness  # noqa: E402
 
 
 def rollout(env: dict, *args: str) -> dict:

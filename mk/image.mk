@@ -11,7 +11,7 @@ RELEASE := $(RELEASE)
 TEST_TIERS += tests/image
 
 local-cloud: ## LXD daemon, storage pool, msbr0 NAT bridge, Debian 12 base image (idempotent)
-	local-cloud/up.sh
+	localcloud/lxd/up.sh
 
 image: ## bake modelserve-$(RELEASE) (CLOUD=lxd|openstack, RELEASE=..., IMAGE_ENV=dev)
 	python3 packer/bake.py --cloud $(CLOUD) --release $(RELEASE) --env $(IMAGE_ENV)
@@ -19,7 +19,7 @@ image: ## bake modelserve-$(RELEASE) (CLOUD=lxd|openstack, RELEASE=..., IMAGE_EN
 lint-image: ## packer fmt/validate (syntax) and shellcheck of the image scripts
 	cd packer && packer fmt -check . && packer fmt -check plugins
 	shellcheck -x image-scripts/*.sh image-scripts/files/modelserve-firstboot \
-	  image-scripts/files/modelserve-role-is local-cloud/*.sh
+	  image-scripts/files/modelserve-role-is localcloud/lxd/*.sh
 
 test-image: venv ## image tier alone: static checks, a real bake, boot, hygiene, failure path
 	$(PY) -m pytest tests/image

@@ -1,4 +1,4 @@
-# openstack tier (issue 5): a real OpenStack control plane on loopback (tools/openstack) and
+# openstack tier (issue 5): a real OpenStack control plane on loopback (localcloud/openstack) and
 # the tests of the rollout OpenStack provider + Packer's openstack source against it.
 # Included by the top Makefile (-include mk/*.mk).
 .PHONY: openstack-deps openstack-up openstack-down openstack-status test-openstack bench-openstack
@@ -20,13 +20,13 @@ openstack-deps:
 	fi
 
 openstack-up: venv openstack-deps ## bring up Keystone/Glance/Placement/Nova/Neutron on loopback; prints clouds.yaml
-	$(PY) -m tools.openstack up
+	$(PY) -m localcloud.openstack up
 
 openstack-down: ## stop exactly what openstack-up started (by PID file)
-	$(PY) -m tools.openstack down
+	$(PY) -m localcloud.openstack down
 
 openstack-status: ## which harness daemons run
-	$(PY) -m tools.openstack status
+	$(PY) -m localcloud.openstack status
 
 test-openstack: venv openstack-deps ## the OpenStack tier alone (brings the control plane up and down itself)
 	$(PY) -m pytest tests/openstack

@@ -9,7 +9,7 @@ ROLLOUT_ENV ?= dev
 RELEASE ?= $(shell date -u +r%Y%m%d-%H%M)-$(shell git rev-parse --short=7 HEAD 2>/dev/null || echo nogit)
 DEMO_RELEASE ?= g$(shell git rev-parse --short=7 HEAD 2>/dev/null || echo nogit)
 
-TEST_TIERS += tests/rollout
+TEST_TIERS += tests/e2e
 
 # `cloud-init schema` validates every rendered seed in the unit tests.
 rollout-deps:
@@ -19,10 +19,10 @@ rollout-deps:
 test: rollout-deps
 
 test-rollout-unit: venv rollout-deps ## rollout unit tests (planner, retry, seed; no services)
-	$(PY) -m pytest tests/rollout/unit
+	$(PY) -m pytest tests/unit/rollout
 
 test-rollout: venv rollout-deps ## rollout unit + e2e + fault matrix on real LXD
-	$(PY) -m pytest tests/rollout
+	$(PY) -m pytest tests/unit/rollout tests/e2e
 
 demo: venv ## local cloud + image (if missing) + deploy; prints the floating-IP URL
 	$(MAKE) local-cloud

@@ -223,10 +223,10 @@ def ensure_wheelhouse() -> Path:
 # --- LXD --------------------------------------------------------------------------------
 
 def ensure_local_cloud() -> None:
-    """local-cloud/up.sh: daemon, pool, bridge, base image (fast when all is there)."""
-    proc = subprocess.run([str(ROOT / "local-cloud" / "up.sh")])
+    """localcloud/lxd/up.sh: daemon, pool, bridge, base image (fast when all is there)."""
+    proc = subprocess.run([str(ROOT / "localcloud" / "lxd" / "up.sh")])
     if proc.returncode != 0:
-        raise BakeError("local-cloud/up.sh failed (see above)")
+        raise BakeError("localcloud/lxd/up.sh failed (see above)")
 
 
 def ensure_bake_profile(wheelhouse: Path) -> None:
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deps-salt", default="",
                         help="bake a private deps layer (benchmarks), leaving the shared one alone")
     parser.add_argument("--skip-local-cloud", action="store_true",
-                        help="do not run local-cloud/up.sh first")
+                        help="do not run localcloud/lxd/up.sh first")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = parser.parse_args(argv)
     started = time.monotonic()

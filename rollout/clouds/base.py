@@ -38,7 +38,7 @@ Where the state lives (no local state file; any operator on any machine sees the
   Every change of target and/or state is ONE full update guarded by ``if_revision``
   (LXD: ETag / If-Match on PUT; Neutron: ``update_ip(..., if_revision=revision_number)``), so
   two operators can never both win. The target is never removed and re-added (a switch is one
-  update: requests in flight keep flowing; see shared/DESIGN.md).
+  update: requests in flight keep flowing; see docs/design.md).
 * History = short events (``HistoryEvent``) appended best-effort after a switch; LXD keeps the
   last ``HISTORY_KEEP`` in the forward config key ``user.modelserve.history`` (JSON list),
   OpenStack as floating-IP tags ``h:<encoded event>`` (oldest dropped beyond the limit).

@@ -1,7 +1,7 @@
 """Fixtures of the image tier: the real local LXD cloud, a real bake, containers booted from it.
 
 Everything here is real (LXD, packer, cloud-init, systemd, RabbitMQ, Redis, the app); the tier
-starts what it needs (local-cloud/up.sh) and fails loudly when it cannot.
+starts what it needs (localcloud/lxd/up.sh) and fails loudly when it cannot.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ test_release_id.__test__ = False  # a helper, not a test
 
 @pytest.fixture(scope="session")
 def host_tools() -> None:
-    """packer, shellcheck, lxc… on the host (local-cloud/up.sh --packages-only)."""
-    proc = subprocess.run([str(ROOT / "local-cloud" / "up.sh"), "--packages-only"], text=True,
+    """packer, shellcheck, lxc… on the host (localcloud/lxd/up.sh --packages-only)."""
+    proc = subprocess.run([str(ROOT / "localcloud" / "lxd" / "up.sh"), "--packages-only"], text=True,
                           capture_output=True, timeout=900)
     if proc.returncode != 0:
-        pytest.fail(f"local-cloud/up.sh --packages-only failed:\n{proc.stderr[-4000:]}")
+        pytest.fail(f"localcloud/lxd/up.sh --packages-only failed:\n{proc.stderr[-4000:]}")
 
 
 STALE_AFTER = 3 * 3600  # leftovers of a killed earlier run of this tier, never a live one
@@ -82,10 +82,10 @@ def sweep_stale() -> None:
 @pytest.fixture(scope="session")
 def local_cloud(host_tools) -> None:
     """The local LXD cloud (daemon, pool, bridge, base image): set up or fail loudly."""
-    proc = subprocess.run([str(ROOT / "local-cloud" / "up.sh")], text=True, capture_output=True,
-                          timeout=1200)
+    proc = subprocess.run([str(ROOT / "localcloud" / "lxd" / "up.sh")], text=True,
+                          capture_output=True, timeout=1200)
     if proc.returncode != 0:
-        pytest.fail(f"local-cloud/up.sh failed:\n{proc.stderr[-4000:]}")
+        pytest.fail(f"localcloud/lxd/up.sh failed:\n{proc.stderr[-4000:]}")
     sweep_stale()
 
 

@@ -1,4 +1,4 @@
-"""local-cloud/up.sh on a private LXD daemon (LXD_DIR) beside the shared one: a fresh set-up,
+"""localcloud/lxd/up.sh on a private LXD daemon (LXD_DIR) beside the shared one: a fresh set-up,
 recovery from a SIGKILLed daemon and killed containers (what CI starts from), idempotence."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run(*cmd: str, check: bool = True, timeout: float = 600) -> subprocess.Compl
 
 
 def up() -> str:
-    return run(str(ROOT / "local-cloud" / "up.sh")).stderr
+    return run(str(ROOT / "localcloud" / "lxd" / "up.sh")).stderr
 
 
 def daemon_pid() -> int:

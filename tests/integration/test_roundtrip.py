@@ -117,7 +117,7 @@ def test_client_thread_churn(stack, holdout):
 
 
 def test_broker_client_under_thread_churn(stack, holdout):
-    """The result backend used directly from many short-lived threads (DESIGN.md: rpc://
+    """The result backend used directly from many short-lived threads (docs/design.md: rpc://
     broke here): sync waits and async lookups all resolve correctly."""
     from app.client import BrokerClient
     from app.config import load_config

@@ -1,4 +1,4 @@
-"""A real OpenStack control plane for this tier, brought up by the harness (tools/openstack).
+"""A real OpenStack control plane for this tier, brought up by the harness (localcloud/openstack).
 
 The session fixture runs `up` (idempotent: it reuses a running control plane) and, if this
 session started it, `down` at the end. Every test works in its own rollout environment and
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from rollout.clouds.openstack import OpenStackCloud, env_tag
-from tools.openstack import config, seed
-from tools.openstack.harness import Harness, HarnessError
+from localcloud.openstack import config, seed
+from localcloud.openstack.harness import Harness, HarnessError
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable

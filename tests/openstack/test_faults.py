@@ -22,7 +22,7 @@ from tests.openstack.conftest import (
     rollout,
     servers_of,
 )
-from tools.openstack import seed
+from localcloud.openstack import seed
 
 pytestmark = pytest.mark.openstack
 

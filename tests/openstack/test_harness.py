@@ -12,8 +12,8 @@ import pytest
 import requests
 from openstack import exceptions as os_exc
 
-from tools.openstack import config, seed
-from tools.openstack.procs import Procs
+from localcloud.openstack import config, seed
+from localcloud.openstack.procs import Procs
 
 pytestmark = pytest.mark.openstack
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.openstack.conftest import ROOT
-from tools.openstack import config
+from localcloud.openstack import config
 
 pytestmark = pytest.mark.openstack
 

@@ -23,9 +23,9 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tools.openstack import config
-from tools.openstack.config import HOST, Layout, Ports
-from tools.openstack.procs import Procs
+from localcloud.openstack import config
+from localcloud.openstack.config import HOST, Layout, Ports
+from localcloud.openstack.procs import Procs
 
 log = logging.getLogger("openstack-harness")
 
@@ -338,12 +338,12 @@ class Harness:
     def forwarder_up(self) -> None:
         """The floating-IP forwarder (our stand-in for the L3 agent's NAT)."""
         self.procs.start("fip-forwarder", [
-            sys.executable, "-m", "tools.openstack.fipforward", str(self.layout.fip_map),
+            sys.executable, "-m", "localcloud.openstack.fipforward", str(self.layout.fip_map),
         ], env=dict(os.environ, PYTHONPATH=str(config.REPO)), cwd=str(config.REPO))
 
     def discover_hosts(self) -> None:
         """Wait for nova-compute to register, then map it into cell1."""
-        from tools.openstack import seed
+        from localcloud.openstack import seed
 
         conn = seed.connect(self, admin=True)
         since = getattr(self, "compute_started", 0.0) - 2.0
@@ -366,7 +366,7 @@ class Harness:
     # ---------------------------------------------------------------- up / down
     def up(self) -> dict:
         """Everything, idempotently; returns the step timings."""
-        from tools.openstack import seed
+        from localcloud.openstack import seed
 
         t0 = time.monotonic()
         self._timed("venv", self.ensure_venv)
@@ -388,7 +388,7 @@ class Harness:
     def app_pids(self) -> list[int]:
         """Live PIDs of app processes the compute driver started for servers (checked
         against their recorded start time, so a recycled PID is never ours)."""
-        from tools.openstack.procs import _start_time
+        from localcloud.openstack.procs import _start_time
 
         pids = []
         for f in (self.layout.state / "instances").glob("*/pids.json"):
@@ -403,7 +403,7 @@ class Harness:
         """Stop what `up` started (by PID file), and the servers' app processes."""
         import signal as _signal
 
-        from tools.openstack.procs import _signal_group
+        from localcloud.openstack.procs import _signal_group
 
         stopped = []
         order = ["fip-forwarder", "nova-compute", "nova-scheduler", "nova-conductor",

@@ -14,12 +14,12 @@ import pytest
 
 from .conftest import ROOT
 
-pytestmark = [pytest.mark.image, pytest.mark.usefixtures("host_tools")]
+pytestmark = [pytest.mark.usefixtures("host_tools")]
 PACKER = ROOT / "packer"
 SCRIPTS = sorted((ROOT / "image-scripts").glob("*.sh")) + [
     ROOT / "image-scripts" / "files" / "modelserve-firstboot",
     ROOT / "image-scripts" / "files" / "modelserve-role-is",
-] + sorted((ROOT / "local-cloud").glob("*.sh"))
+] + sorted((ROOT / "localcloud" / "lxd").glob("*.sh"))
 
 
 def load_bake():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from fakecloud import FakeCloud, free_port
+from tests.unit.rollout.fakecloud import FakeCloud, free_port
 
 from rollout import executor
 from rollout.clouds.base import Lock, Release

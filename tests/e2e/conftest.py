@@ -45,14 +45,14 @@ def _lxd_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def cloud() -> LXDCloud:
-    """The local LXD cloud, brought up by local-cloud/up.sh when it does not answer."""
+    """The local LXD cloud, brought up by localcloud/lxd/up.sh when it does not answer."""
     if not _lxd_answers():
-        up = ROOT / "local-cloud" / "up.sh"
+        up = ROOT / "localcloud" / "lxd" / "up.sh"
         if not up.exists():
-            pytest.fail("LXD does not answer and local-cloud/up.sh is missing")
+            pytest.fail("LXD does not answer and localcloud/lxd/up.sh is missing")
         res = subprocess.run(["bash", str(up)], capture_output=True, text=True, check=False)
         if res.returncode or not _lxd_answers():
-            pytest.fail(f"local-cloud/up.sh failed ({res.returncode}): {res.stderr[-2000:]}")
+            pytest.fail(f"localcloud/lxd/up.sh failed ({res.returncode}): {res.stderr[-2000:]}")
     return LXDCloud()
 
 

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import openstack
-from tools.openstack import config
-from tools.openstack.config import HOST
+from localcloud.openstack import config
+from localcloud.openstack.config import HOST
 
 PROJECT = "modelserve"
 NETWORK = "modelserve-net"

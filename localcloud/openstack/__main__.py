@@ -1,4 +1,4 @@
-"""python -m tools.openstack up|down|status|clouds-yaml|env"""
+"""python -m localcloud.openstack up|down|status|clouds-yaml|env"""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import json
 import logging
 import sys
 
-from tools.openstack import config
-from tools.openstack.harness import Harness, HarnessError
+from localcloud.openstack import config
+from localcloud.openstack.harness import Harness, HarnessError
 
 
 def main(argv=None) -> int:
     """Parse, run one command, turn failures into one line and exit 1."""
-    parser = argparse.ArgumentParser(prog="python -m tools.openstack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m localcloud.openstack", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status", "clouds-yaml", "env"])
     parser.add_argument("--json", action="store_true", help="machine output on stdout")
     args = parser.parse_args(argv)

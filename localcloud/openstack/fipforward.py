@@ -6,7 +6,7 @@ and connects every new client to the current fixed address — the L3 agent's DN
 space. A connection keeps the backend it started with (like conntrack), so re-pointing the
 floating IP never cuts a request in flight.
 
-usage: python -m tools.openstack.fipforward MAP_FILE  (ports: MODELSERVE_OS_FIP_PORTS, 8080)
+usage: python -m localcloud.openstack.fipforward MAP_FILE  (ports: MODELSERVE_OS_FIP_PORTS, 8080)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ CLOUD = "modelserve-os"
 REGION = "RegionOne"
 HOST = "127.0.0.1"
 
-# Loopback networks: fixed IPs of servers, and floating IPs (see DESIGN.md).
+# Loopback networks: fixed IPs of servers, and floating IPs (see docs/design.md).
 PRIVATE_CIDR = "127.42.0.0/24"
 PUBLIC_CIDR = "127.43.0.0/24"
 
