@@ -9,7 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 APT_PACKAGES=(rabbitmq-server redis-server wrk shellcheck cloud-init)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-export PIP_CACHE_DIR=${PIP_CACHE_DIR:-/var/cache/modelserve/pip}
+CACHE_ROOT=${MODELSERVE_CACHE:-/var/cache/modelserve}
+export PIP_CACHE_DIR=${PIP_CACHE_DIR:-$CACHE_ROOT/pip}
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '%s setup: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -30,16 +31,42 @@ install_apt() {
 }
 
 install_venv() {
-  local stamp="$VENV/.installed" want
-  want=$(cat requirements.txt requirements-rollout.txt requirements-dev.txt constraints.txt | sha256sum | cut -c1-16)
+  # The venv is a pure function of the pinned files and the interpreter: it lives in the cache
+  # keyed by their hash and .venv links to it, so a fresh clone on a machine that built it once
+  # reuses it (CI clones anew each run). Without the cache it is simply built.
+  local want cached stamp
+  want=$( { cat requirements.txt requirements-rollout.txt requirements-dev.txt constraints.txt;
+            "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
+  if [[ $VENV == .venv && ${MODELSERVE_VENV_CACHE:-1} == 1 ]]; then
+    cached="$CACHE_ROOT/venvs/$want"
+    mkdir -p "$CACHE_ROOT/venvs"
+    exec 8>"$CACHE_ROOT/venvs/.lock"
+    flock -w 1200 8 || { log "another set-up holds the venv cache lock"; exit 1; }
+    if [[ ! -f $cached/.installed || $(cat "$cached/.installed") != "$want" ]]; then
+      rm -rf "$cached"
+      build_venv "$cached" "$want"
+    fi
+    exec 8>&-
+    if [[ -L $VENV || ! -e $VENV ]]; then
+      ln -sfn "$cached" "$VENV"
+      return 0
+    fi
+    log "$VENV is a directory of its own: leaving it, not linking the cached venv"
+  fi
+  stamp="$VENV/.installed"
   if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then return 0; fi
-  log "creating $VENV from the pinned requirements"
-  [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
+  build_venv "$VENV" "$want"
+}
+
+build_venv() {
+  local dir=$1 want=$2
+  log "creating $dir from the pinned requirements"
+  [[ -x $dir/bin/python ]] || "$PYTHON" -m venv "$dir"
   mkdir -p "$PIP_CACHE_DIR"
   # (this machine's pip config lists local indexes that may be absent: drop that noise)
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-dev.txt \
+  "$dir/bin/pip" install -q --disable-pip-version-check -r requirements-dev.txt \
     -c constraints.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
-  echo "$want" >"$stamp"
+  echo "$want" >"$dir/.installed"
 }
 
 if [[ ${1:-} != --venv-only ]]; then install_apt; fi
