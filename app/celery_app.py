@@ -11,6 +11,9 @@ from kombu import Exchange, Queue
 from app.config import Config
 
 QUEUE = "modelserve.predict"
+# Async work waits in its own bounded queue. A new name (not an argument added to an existing
+# queue): RabbitMQ refuses to redeclare a durable queue with other arguments.
+ASYNC_QUEUE = "modelserve.async.v1"
 PREDICT_TASK = "modelserve.predict"
 _waiting = threading.local()
 
@@ -42,7 +45,8 @@ class waiting:  # noqa: N801 - used as a context manager, reads as a phrase
 
 
 def make_celery(config: Config, name: str = "modelserve", confirm_publish: bool = True) -> Celery:
-    """A configured Celery app: durable queue, late acks, time limits, expiring results.
+    """A configured Celery app: durable queues (sync, and a bounded one for async work), late
+    acks, time limits, expiring results.
 
     `confirm_publish` makes every publish wait for the broker's ack (the message is safe on the
     broker): needed before answering 202, not for a request that waits for its own result anyway.
@@ -56,7 +60,12 @@ def make_celery(config: Config, name: str = "modelserve", confirm_publish: bool 
         accept_content=["json"],
         task_default_queue=QUEUE,
         task_queues=[Queue(QUEUE, Exchange(QUEUE, type="direct", durable=True),
-                           routing_key=QUEUE, durable=True)],
+                           routing_key=QUEUE, durable=True),
+                     # full → the broker nacks the publish (reject-publish): the client's 503
+                     Queue(ASYNC_QUEUE, Exchange(ASYNC_QUEUE, type="direct", durable=True),
+                           routing_key=ASYNC_QUEUE, durable=True,
+                           queue_arguments={"x-max-length": config.async_queue_max,
+                                            "x-overflow": "reject-publish"})],
         task_default_exchange=QUEUE,
         task_default_routing_key=QUEUE,
         task_default_delivery_mode="persistent",
@@ -66,7 +75,9 @@ def make_celery(config: Config, name: str = "modelserve", confirm_publish: bool 
         task_soft_time_limit=100,
         result_expires=3600,
         result_extended=False,
-        worker_prefetch_multiplier=2,
+        # one message per pool process: a synchronous task never waits behind a prefetched
+        # backlog of async ones (the broker hands the next free process either queue's head)
+        worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
+from amqp.exceptions import MessageNacked
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
-from app.celery_app import PREDICT_TASK, QUEUE, make_celery, waiting
+from app.celery_app import ASYNC_QUEUE, PREDICT_TASK, QUEUE, make_celery, waiting
 from app.codec import pack, unpack
 from app.config import Config
 from app.dispatch import Dispatcher, ObserveFn, Unavailable
 
 _ACCEPTED_PREFIX = "modelserve-accepted-"
+# An async task not started by its expiry is dropped by the broker (the message TTL Celery sets
+# from `expires`) and never gets a result: after the expiry plus this margin (a task delivered
+# just in time is STARTED within it) a lookup reports it expired instead of PENDING forever.
+EXPIRY_MARGIN = 5.0
 # Errors of the transports underneath: broker (kombu/amqp), result store (redis), sockets.
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, OSError)
 try:  # redis is a dependency of the result backend
@@ -23,6 +29,10 @@ try:  # redis is a dependency of the result backend
     _TRANSPORT_ERRORS += (redis.exceptions.RedisError,)
 except ImportError:  # pragma: no cover
     pass
+
+
+class QueueFull(Unavailable):
+    """The bounded async queue refused the task (the broker nacked the publish): HTTP 503."""
 
 
 class BrokerClient:
@@ -74,12 +84,31 @@ class BrokerClient:
     def submit_async(self, rows: list[list[float]]) -> str:
         """Publish one task (confirmed by the broker) and return its id."""
         task_id = str(uuid.uuid4())
+        marker = _ACCEPTED_PREFIX + task_id
         try:
             # Mark the id as ours before publishing, so a lookup never confuses an accepted
             # task with an unknown id, whatever the worker's speed.
-            self.results.client.set(_ACCEPTED_PREFIX + task_id, "1",
+            # the value: when the task expires unless a worker has started it
+            self.results.client.set(marker, f"{time.time() + self.config.async_expires:.3f}",
                                     ex=int(self.celery.conf.result_expires))
-            self.celery.send_task(PREDICT_TASK, args=[pack(rows)], queue=QUEUE, task_id=task_id)
+            # its own bounded queue; a task not started within async_expires is dropped (the
+            # message's TTL) instead of computed for nobody. First without kombu's
+            # retry, which would reconnect after every nack (a full queue); a transport error
+            # gets one more attempt with it (reconnects a connection a broker restart broke).
+            for retry in (False, True):
+                try:
+                    self.celery.send_task(PREDICT_TASK, args=[pack(rows)], queue=ASYNC_QUEUE,
+                                          task_id=task_id, expires=self.config.async_expires,
+                                          retry=retry)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a nack, or retried once
+                    # kombu re-raises the broker's nack as OperationalError from MessageNacked
+                    if isinstance(exc, MessageNacked) or isinstance(exc.__cause__, MessageNacked):
+                        self.results.client.delete(marker)
+                        raise QueueFull(f"the async queue is full ({self.config.async_queue_max} "
+                                        "tasks waiting); retry later") from None
+                    if retry:
+                        raise
         except _TRANSPORT_ERRORS as exc:
             raise Unavailable(f"broker or result store unreachable: {exc}") from None
         return task_id
@@ -90,8 +119,13 @@ class BrokerClient:
             backend = self.results
             meta = backend.get_task_meta(task_id)
             state = meta["status"]
-            if state == states.PENDING and not backend.client.exists(_ACCEPTED_PREFIX + task_id):
-                return None
+            if state == states.PENDING:
+                accepted = backend.client.get(_ACCEPTED_PREFIX + task_id)
+                if accepted is None:
+                    return None
+                if _expired(accepted):
+                    return {"state": states.REVOKED, "error": "TaskRevokedError: expired (not "
+                            f"started within {self.config.async_expires:g}s of being accepted)"}
         except _TRANSPORT_ERRORS as exc:
             raise Unavailable(f"result store unreachable: {exc}") from None
         out: dict[str, Any] = {"state": state}
@@ -121,6 +155,18 @@ class BrokerClient:
             raise Unavailable(f"no worker answered a ping within {timeout:.1f}s")
         return len(replies)
 
+    def workers(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Every worker that answers the ``modelserve_model`` broadcast within ``timeout``:
+        ``{"node", "instance", "role", "model_sha256"}`` (sha None when it cannot say)."""
+        from app.worker import IDENTITY_COMMAND
+
+        try:
+            replies = self.celery.control.broadcast(IDENTITY_COMMAND, reply=True,
+                                                    timeout=timeout)
+        except _TRANSPORT_ERRORS as exc:
+            raise Unavailable(f"broker unreachable: {exc}") from None
+        return workers_from_replies(replies)
+
     def queue_depth(self) -> int | None:
         """Messages waiting in the predict queue (None if the broker cannot say now)."""
         try:
@@ -130,3 +176,22 @@ class BrokerClient:
                 return int(declared.message_count)
         except Exception:  # a metric must never fail the scrape
             return None
+
+
+def workers_from_replies(replies: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Flatten Celery broadcast replies ``[{node: answer}]`` into sorted worker entries."""
+    out = []
+    for reply in replies or []:
+        for node, info in (reply or {}).items():
+            info = info if isinstance(info, dict) and "error" not in info else {}
+            out.append({"node": node,
+                        "instance": str(info.get("instance") or node.partition("@")[2]),
+                        "role": info.get("role"), "model_sha256": info.get("sha256")})
+    return sorted(out, key=lambda w: (w["instance"], w["node"]))
+
+
+def _expired(marker: bytes) -> bool:
+    try:
+        return float(marker) + EXPIRY_MARGIN < time.time()
+    except ValueError:  # a marker without a deadline
+        return False

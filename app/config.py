@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from app.identity import DEFAULT_RELEASE_FILE
+
 DEFAULT_INSTANCE_ENV = "/etc/modelserve/instance.env"
 ROLES = ("front", "worker")
 COLOURS = ("blue", "green", "none")
@@ -109,11 +111,19 @@ class Config:
     web_threads: int = 32
     worker_concurrency: int = 2
     max_batch_rows: int = 10_000
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
     predict_timeout: float = 10.0
+    parse_bytes: int = 8 * 1024 * 1024
+    connection_limit: int = 256
+    client_timeout: float = 15.0
+    drain_seconds: float = 25.0
+    async_queue_max: int = 1000
+    async_expires: float = 600.0
     dispatch_threads: int = 2
     batch_rows: int = 512
     bundle_dir: str = ""
+    release_file: str = DEFAULT_RELEASE_FILE  # the image's identity (app/identity.py)
+    instance_name: str = ""  # this instance's name (default: the hostname); names the worker
     source: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def public(self) -> dict[str, str]:
@@ -144,10 +154,18 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         web_threads=_int(src, "MODELSERVE_WEB_THREADS", 32, 1, 512),
         worker_concurrency=_int(src, "MODELSERVE_WORKER_CONCURRENCY", os.cpu_count() or 2, 1, 256),
         max_batch_rows=_int(src, "MODELSERVE_MAX_BATCH_ROWS", 10_000, 1, 1_000_000),
-        max_body_bytes=_int(src, "MODELSERVE_MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1 << 30),
+        max_body_bytes=_int(src, "MODELSERVE_MAX_BODY_BYTES", 1024 * 1024, 1024, 1 << 30),
         predict_timeout=_float(src, "MODELSERVE_PREDICT_TIMEOUT", 10.0, 0.1, 600.0),
+        parse_bytes=_int(src, "MODELSERVE_PARSE_BYTES", 8 * 1024 * 1024, 1024, 1 << 32),
+        connection_limit=_int(src, "MODELSERVE_CONNECTION_LIMIT", 256, 4, 10_000),
+        client_timeout=_float(src, "MODELSERVE_CLIENT_TIMEOUT", 15.0, 1.0, 600.0),
+        drain_seconds=_float(src, "MODELSERVE_DRAIN_SECONDS", 25.0, 0.0, 600.0),
+        async_queue_max=_int(src, "MODELSERVE_ASYNC_QUEUE_MAX", 1000, 1, 10_000_000),
+        async_expires=_float(src, "MODELSERVE_ASYNC_EXPIRES", 600.0, 1.0, 86_400.0),
         dispatch_threads=_int(src, "MODELSERVE_DISPATCH_THREADS", 2, 1, 64),
         batch_rows=_int(src, "MODELSERVE_BATCH_ROWS", 512, 1, 1_000_000),
         bundle_dir=src.get("MODELSERVE_BUNDLE_DIR", ""),
+        release_file=src.get("MODELSERVE_RELEASE_FILE") or DEFAULT_RELEASE_FILE,
+        instance_name=src.get("MODELSERVE_INSTANCE_NAME", ""),
         source=src,
     )

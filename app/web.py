@@ -18,6 +18,8 @@ from app import __version__
 from app.bundle import Bundle, load_bundle
 from app.config import Config, load_config
 from app.dispatch import Unavailable
+from app.identity import IDENTITY_KEYS, read_release_file
+from app.limits import ByteBudget
 from app.metrics import Metrics
 from app.schema import ValidationError, parse_json, validate_instances
 
@@ -56,8 +58,12 @@ def predictions():
     unknown = sorted(set(request.args) - {"async"})
     if unknown:
         raise ValidationError(unknown[0], "unknown_parameter", f"unknown query parameter {unknown[0]!r}")
-    payload = parse_json(request.get_data(cache=False), request.content_type)
-    rows = validate_instances(payload, bundle.metadata["features"], config.max_batch_rows)
+    features = bundle.metadata["features"]
+    # bounded: bytes parsed at once (503 beyond), rows and depth pre-scanned before json.loads
+    with state["parse_budget"].hold(request.content_length or config.max_body_bytes):
+        payload = parse_json(request.get_data(cache=False), request.content_type,
+                             max_rows=config.max_batch_rows, features=len(features))
+        rows = validate_instances(payload, features, config.max_batch_rows)
     client = state["client"]
     if mode in ("true", "1"):
         task_id = client.submit_async(rows)
@@ -135,11 +141,34 @@ def readyz():
 
 @api.get("/version")
 def version():
-    """Release, colour, role and model identity of this instance."""
+    """Release, colour, role and model identity of this instance.
+
+    Release, git sha, app version and built_at come from the image's RELEASE.json (what was
+    baked); colour, role, deploy id and env from the seed. Without RELEASE.json (a checkout)
+    they fall back to the config and ``image`` is null.
+    """
     state = _state()
     bundle: Bundle = state["bundle"]
-    return jsonify({**state["config"].public(), "app_version": __version__,
-                    "model_version": bundle.version, "model_sha256": bundle.sha256})
+    config: Config = state["config"]
+    image, problem = state["image"]
+    body = {**config.public(), "seed_release": config.release, "app_version": __version__,
+            "git_sha": None, "built_at": None, "model_version": bundle.version,
+            "model_sha256": bundle.sha256, "image": image}
+    if image is not None:
+        body.update({k: image[k] for k in IDENTITY_KEYS if k != "model_sha256"})
+        body["image_model_sha256"] = image["model_sha256"]
+    if problem:
+        body["image_error"] = problem
+    return jsonify(body)
+
+
+@api.get("/api/v1/workers")
+def workers():
+    """The Celery workers on this front's broker that answer now, each with the model sha256
+    it serves (hostnames and hashes only; no credentials). 503 when the broker is down."""
+    state = _state()
+    found = state["client"].workers()
+    return jsonify({"model_sha256": state["bundle"].sha256, "workers": found})
 
 
 @api.get("/metrics")
@@ -197,7 +226,9 @@ def create_app(config: Config | None = None, bundle: Bundle | None = None,
     app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     app.extensions["modelserve"] = {"config": config, "bundle": bundle, "client": client,
-                                    "metrics": metrics_}
+                                    "metrics": metrics_,
+                                    "parse_budget": ByteBudget(config.parse_bytes),
+                                    "image": read_release_file(config.release_file)}
     app.register_blueprint(api)
     app.register_blueprint(pages)
 

@@ -170,6 +170,10 @@ class Redis:
     base: Path
     port: int = field(default_factory=free_port)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    # like the image (image-scripts/files/redis-server.conf): bounded, evicting results
+    # (they all carry a TTL) closest to expiry first
+    maxmemory: str = "256mb"
+    policy: str = "volatile-ttl"
     proc: subprocess.Popen | None = None
 
     @property
@@ -184,7 +188,8 @@ class Redis:
         self.proc = spawn(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass",
              self.password, "--save", "", "--appendonly", "no", "--dir", str(self.base),
-             "--daemonize", "no", "--loglevel", "warning"], self.base / "redis.log")
+             "--daemonize", "no", "--loglevel", "warning", "--maxmemory", self.maxmemory,
+             "--maxmemory-policy", self.policy], self.base / "redis.log")
         wait_port(self.port, timeout, self.proc)
         return self
 
@@ -206,9 +211,11 @@ def app_env(broker: RabbitMQ, redis: Redis, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_worker(env: dict[str, str], log: Path, concurrency: int = 2) -> subprocess.Popen:
-    """`python -m app.worker` in its own process group."""
-    return spawn([sys.executable, "-m", "app.worker"], log, cwd=ROOT,
+def start_worker(env: dict[str, str], log: Path, concurrency: int = 2,
+                 nice: int = 0) -> subprocess.Popen:
+    """`python -m app.worker` in its own process group (`nice`: CPU priority, as Nice= would)."""
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    return spawn([*prefix, sys.executable, "-m", "app.worker"], log, cwd=ROOT,
                  env={**env, "MODELSERVE_WORKER_CONCURRENCY": str(concurrency)})
 
 
@@ -216,7 +223,8 @@ def start_web(env: dict[str, str], log: Path, port: int, host: str = "127.0.0.1"
               timeout: float = 30) -> subprocess.Popen:
     """`python -m app.serve` on host:port, waiting until it listens."""
     proc = spawn([sys.executable, "-m", "app.serve"], log, cwd=ROOT,
-                 env={**env, "MODELSERVE_PORT": str(port), "MODELSERVE_HOST": host})
+                 env={"MALLOC_ARENA_MAX": "2", **env, "MODELSERVE_PORT": str(port),
+                      "MODELSERVE_HOST": host})  # as the unit (image-scripts/files)
     wait_port(port, timeout, proc, host=host)
     return proc
 

@@ -29,11 +29,29 @@ mv "$src.new" "$src"
 chown -R root:root "$src"
 chmod -R u=rwX,go=rX "$src"
 
-cat >"$MODELSERVE_PREFIX/RELEASE.json" <<JSON
-{"release": "$MODELSERVE_RELEASE", "git_sha": "${MODELSERVE_GIT_SHA:-}",
- "app_version": "${MODELSERVE_APP_VERSION:-}", "model_sha256": "$MODELSERVE_MODEL_SHA256",
- "model_accuracy": "${MODELSERVE_MODEL_ACCURACY:-}", "built_at": "${MODELSERVE_BUILT_AT:-}"}
-JSON
+# The image's own identity (what /version reports and the rollout gate compares with the
+# image properties): the same values packer/bake.py sets as modelserve_* properties.
+"$MODELSERVE_PREFIX/venv/bin/python" - "$MODELSERVE_PREFIX/RELEASE.json" <<'PY'
+import json, os, sys
+
+def num(key):
+    try:
+        return float(os.environ[key])
+    except (KeyError, ValueError):
+        return None
+
+doc = {"release": os.environ["MODELSERVE_RELEASE"],
+       "git_sha": os.environ.get("MODELSERVE_GIT_SHA", ""),
+       "app_version": os.environ.get("MODELSERVE_APP_VERSION", ""),
+       "model_sha256": os.environ["MODELSERVE_MODEL_SHA256"],
+       "model_accuracy": num("MODELSERVE_MODEL_ACCURACY"),
+       "accuracy_floor": num("MODELSERVE_ACCURACY_FLOOR"),
+       "provenance": os.environ.get("MODELSERVE_PROVENANCE", "release"),
+       "built_at": os.environ.get("MODELSERVE_BUILT_AT", "")}
+with open(sys.argv[1], "w") as fh:
+    json.dump(doc, fh, indent=1, sort_keys=True)
+    fh.write("\n")
+PY
 chmod 0644 "$MODELSERVE_PREFIX/RELEASE.json"
 install -d -m 0750 -o "$MODELSERVE_USER" -g "$MODELSERVE_USER" /var/lib/modelserve
 # a smoke import with the baked venv: a broken app fails the bake, not the first boot

@@ -8,6 +8,8 @@ locals {
     modelserve_app_version    = var.app_version
     modelserve_model_sha256   = var.model_sha256
     modelserve_model_accuracy = "${var.model_accuracy}"
+    modelserve_accuracy_floor = "${var.accuracy_floor}"
+    modelserve_provenance     = var.provenance
     modelserve_built_at       = var.built_at
   }
   # A deps image is no release: it carries its key, never modelserve_release, so the rollout tool
@@ -30,6 +32,8 @@ locals {
     "MODELSERVE_APP_VERSION=${var.app_version}",
     "MODELSERVE_MODEL_SHA256=${var.model_sha256}",
     "MODELSERVE_MODEL_ACCURACY=${var.model_accuracy}",
+    "MODELSERVE_ACCURACY_FLOOR=${var.accuracy_floor}",
+    "MODELSERVE_PROVENANCE=${var.provenance}",
     "MODELSERVE_BUILT_AT=${var.built_at}",
     "MODELSERVE_KEEP_SSH=${var.keep_ssh}",
   ]

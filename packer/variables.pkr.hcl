@@ -57,6 +57,26 @@ variable "model_accuracy" {
   }
 }
 
+variable "accuracy_floor" {
+  type        = number
+  default     = 0
+  description = "Quality floor of the model bundle (metadata.json accuracy_floor: majority-class baseline + margin); the rollout tool refuses a release below it."
+  validation {
+    condition     = var.accuracy_floor >= 0 && var.accuracy_floor <= 1
+    error_message = "The accuracy_floor must be a number between 0 and 1."
+  }
+}
+
+variable "provenance" {
+  type        = string
+  default     = "release"
+  description = "What the image was baked from: release (packer/bake.py, a real release) or standin (tests)."
+  validation {
+    condition     = contains(["release", "standin"], var.provenance)
+    error_message = "The provenance must be release or standin."
+  }
+}
+
 variable "built_at" {
   type        = string
   description = "UTC build time, ISO-8601 (e.g. 2026-11-26T06:30:00Z)."

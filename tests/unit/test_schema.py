@@ -81,3 +81,68 @@ def test_huge_exponent_parses_to_inf_and_is_rejected_as_not_finite():
     with pytest.raises(ValidationError) as err:
         check(payload)
     assert (err.value.field, err.value.rule) == ("instances[0].glu", "finite")
+
+
+# --- bounded work: the pre-scan refuses before json.loads builds anything (issue 10) ---------
+
+def parse(raw, max_rows=10_000):
+    return parse_json(raw, "application/json", max_rows=max_rows, features=len(FEATURES))
+
+
+def rejected(raw, **kw):
+    with pytest.raises(ValidationError) as err:
+        parse(raw, **kw)
+    return err.value
+
+
+def test_a_body_nested_100_000_deep_is_a_400_naming_the_depth_rule():
+    raw = b'{"instances":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(RecursionError):  # what json.loads alone does with it
+        json.loads(raw)
+    err = rejected(raw)
+    assert (err.status, err.field, err.rule) == (400, "body", "max_depth")
+    assert "100001" in err.message
+
+
+def test_depth_limit_applies_without_a_row_limit_and_not_to_brackets_in_strings():
+    err = rejected(b"[" * 17 + b"]" * 17, max_rows=None)
+    assert err.rule == "max_depth"
+    assert parse(b'{"instances": "' + b"[" * 32 + b'\\"[[[["}') == {"instances": "[" * 32 + '"[[[['}
+
+
+def test_too_many_rows_are_refused_by_the_prescan_before_parsing(monkeypatch):
+    raw = b'{"instances":[' + b",".join([b"{}"] * 400_000) + b"]}"
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("json.loads was called"))
+    err = rejected(raw)
+    assert (err.status, err.field, err.rule) == (413, "instances", "max_items")
+    assert "400000" in err.message
+
+
+def test_too_many_values_are_refused_by_the_prescan():
+    raw = b'{"instances":[[' + b",".join([b"0"] * 200_000) + b"]]}"
+    err = rejected(raw)
+    assert (err.status, err.field, err.rule) == (413, "body", "max_values")
+
+
+def test_the_prescan_admits_a_full_batch_of_real_rows():
+    rows = [GOOD] * 10_000
+    assert len(parse(json.dumps({"instances": rows}).encode())["instances"]) == 10_000
+    assert rejected(json.dumps({"instances": rows + [GOOD]}).encode()).rule == "max_items"
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"instances": [], "instances": [{}]}', "body.instances"),
+    (b'{"instances": [{"glu": 1, "glu": 2}]}', "body.glu"),
+])
+def test_duplicate_keys_are_refused(raw, field):
+    err = rejected(raw)
+    assert (err.status, err.field, err.rule) == (400, field, "duplicate_key")
+
+
+def test_a_byte_order_mark_is_malformed_json():
+    assert rejected(b"\xef\xbb\xbf" + json.dumps({"instances": [GOOD]}).encode()).rule == "json"
+
+
+def test_an_integer_of_a_million_digits_is_malformed_json_not_a_hang():
+    err = rejected(b'{"instances": [{"glu": ' + b"9" * 1_000_000 + b"}]}")
+    assert (err.status, err.rule) == (400, "json")

@@ -1,0 +1,185 @@
+"""Async flood: does a flood of `?async=true` requests hurt synchronous latency or memory?
+
+    python bench/async_flood.py [--duration 10] [--flood-conns 32] [--flood-rows 10]
+                                [--out bench/results/async_flood.json]
+
+Runs a private devtools stack (RabbitMQ, Redis with maxmemory, one worker, waitress). Measures
+synchronous p99 (wrk, 4 connections, one patient per request) idle, then again while a second
+wrk floods async requests; reports the ratio, the async requests accepted (202) and refused
+(503: the bounded async queue is full), and the peak Redis used_memory, RabbitMQ memory and
+async queue depth sampled during the flood.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.app_bench import LUA, ROW, wait_ready, wrk  # noqa: E402
+from devtools import services as svc  # noqa: E402
+
+
+def wrk_async(url: str, connections: int, duration: int, body: str) -> dict:
+    """Flood `?async=true`: requests, accepted (2xx) and refused (non-2xx, i.e. 503)."""
+    import re
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+        fh.write(LUA % body)
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
+                          "-s", fh.name, url + "/api/v1/predictions?async=true"],
+                         capture_output=True, text=True, check=True).stdout
+    os.unlink(fh.name)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    refused = int(bad.group(1)) if bad else 0
+    return {"requests": total, "accepted": total - refused, "refused": refused,
+            "socket_errors": sum(map(int, errors.groups())) if errors else 0,
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+
+
+class Sampler(threading.Thread):
+    """Peak Redis used_memory, RabbitMQ memory and async queue depth, once a second."""
+
+    def __init__(self, broker: svc.RabbitMQ, redis: svc.Redis):
+        super().__init__(daemon=True)
+        import redis as redis_py
+
+        self.broker, self.r = broker, redis_py.Redis(port=redis.port, password=redis.password)
+        self.stop = threading.Event()
+        self.peak = {"redis_used_memory": 0, "rabbitmq_memory": 0, "async_queue_depth": 0}
+
+    def sample(self) -> dict:
+        now = {"redis_used_memory": int(self.r.info("memory")["used_memory"])}
+        try:
+            status = json.loads(self.broker.rabbitmqctl("status", "--formatter", "json"))
+            mem = status.get("memory", {})
+            total = mem.get("total", {})
+            now["rabbitmq_memory"] = int(total.get("rss") or total.get("allocated")
+                                         or total.get("erlang") or 0)
+        except (svc.ServiceError, ValueError, AttributeError):
+            pass
+        try:
+            out = self.broker.rabbitmqctl("list_queues", "-p", "modelserve", "name", "messages",
+                                          "--formatter", "json")
+            for q in json.loads(out):
+                if q["name"].startswith("modelserve.async"):
+                    now["async_queue_depth"] = int(q["messages"])
+        except (svc.ServiceError, ValueError, KeyError):
+            pass
+        for k, v in now.items():
+            self.peak[k] = max(self.peak[k], v)
+        return now
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.sample()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--flood-conns", type=int, default=32)
+    parser.add_argument("--flood-rows", type=int, default=10, help="rows per async request")
+    parser.add_argument("--sync-conns", type=int, default=4)
+    parser.add_argument("--async-worker", choices=["shared", "separate"], default="shared",
+                        help="shared: one worker serves both queues (the default deployment); "
+                        "separate: MODELSERVE_WORKER_QUEUES split, async on a worker of its own "
+                        "(1 process, nice 10)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/async_flood.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra MODELSERVE_* settings for the stack")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("bench: wrk is not installed (make setup installs it)")
+    base = Path(tempfile.mkdtemp(prefix="modelserve-flood-"))
+    os.chmod(base, 0o755)
+    broker, redis = svc.RabbitMQ(base / "rabbitmq").start(), svc.Redis(base / "redis").start()
+    env = svc.app_env(broker, redis, MODELSERVE_RELEASE="bench",
+                      **dict(kv.split("=", 1) for kv in args.set))
+    sync_body = json.dumps({"instances": [ROW]})
+    flood_body = json.dumps({"instances": [ROW] * args.flood_rows})
+    procs = []
+    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
+                     "duration_s": args.duration, "flood_conns": args.flood_conns,
+                     "flood_rows": args.flood_rows, "sync_conns": args.sync_conns,
+                     "async_worker": args.async_worker,
+                     "settings": dict(kv.split("=", 1) for kv in args.set)}
+    try:
+        port = svc.free_port()
+        url = f"http://127.0.0.1:{port}"
+        if args.async_worker == "shared":
+            procs.append(svc.start_worker(env, base / "worker.log"))
+        else:
+            procs.append(svc.start_worker({**env, "MODELSERVE_WORKER_QUEUES": "sync"},
+                                          base / "worker.log"))
+            procs.append(svc.start_worker({**env, "MODELSERVE_WORKER_QUEUES": "async"},
+                                          base / "worker-async.log", concurrency=1, nice=10))
+        procs.append(svc.start_web(env, base / "web.log", port))
+        wait_ready(url)
+        wrk(url, 4, 2, sync_body)  # warm-up
+        sampler = Sampler(broker, redis)
+        results["idle"] = wrk(url, args.sync_conns, args.duration, sync_body)
+        results["memory_idle"] = sampler.sample()
+        print(f"bench: idle sync p99 {results['idle']['p99_ms']:.2f} ms", file=sys.stderr)
+        sampler.start()
+        flood: dict = {}
+        flooder = threading.Thread(target=lambda: flood.update(
+            wrk_async(url, args.flood_conns, args.duration + 2, flood_body)))
+        flooder.start()
+        time.sleep(1.5)  # the queue fills first
+        results["flood_sync"] = wrk(url, args.sync_conns, args.duration, sync_body)
+        flooder.join()
+        sampler.stop.set()
+        sampler.join()
+        results["flood"] = flood
+        results["memory_peak"] = sampler.peak
+        time.sleep(2)
+        results["memory_after"] = sampler.sample()
+    finally:
+        for p in reversed(procs):
+            svc.stop(p)
+        redis.stop()
+        broker.stop()
+    results["machine"]["loadavg_end"] = os.getloadavg()[0]
+    results["sync_p99_ratio"] = round(results["flood_sync"]["p99_ms"] / results["idle"]["p99_ms"], 2)
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"bench: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def print_table(r: dict) -> None:
+    i, f, a = r["idle"], r["flood_sync"], r["flood"]
+    print(f"\n{'sync (' + str(r['sync_conns']) + ' conns)':<22} {'req/s':>9} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'failed':>6}")
+    for name, m in (("idle", i), ("under async flood", f)):
+        print(f"{name:<22} {m['rps']:>9.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {m['failed']:>6}")
+    print(f"\nsync p99 under flood / idle: {r['sync_p99_ratio']:.2f} (goal < 3; async worker: "
+          f"{r['async_worker']})")
+    print(f"async flood ({r['flood_conns']} conns, {r['flood_rows']} rows each): {a['requests']} "
+          f"requests, {a['accepted']} accepted (202), {a['refused']} refused (503), "
+          f"{a['socket_errors']} socket errors")
+    mp, mi = r["memory_peak"], r["memory_idle"]
+    print(f"Redis used_memory: idle {mi['redis_used_memory'] / 2**20:.1f} MiB, peak "
+          f"{mp['redis_used_memory'] / 2**20:.1f} MiB")
+    print(f"RabbitMQ memory: idle {mi.get('rabbitmq_memory', 0) / 2**20:.1f} MiB, peak "
+          f"{mp['rabbitmq_memory'] / 2**20:.1f} MiB; async queue depth peak "
+          f"{mp['async_queue_depth']}")
+    print(f"(load average {r['machine']['loadavg_start']:.1f} → {r['machine']['loadavg_end']:.1f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
