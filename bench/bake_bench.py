@@ -9,6 +9,7 @@ deletes every image it made. Prints a table; writes bench/results/bake.json.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BAKE = ROOT / "packer" / "bake.py"
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+from localcloud.lxd.project import lxc_env, project_name  # noqa: E402
 
 
 def bake(release: str, salt: str) -> dict:
@@ -49,7 +52,8 @@ def launch_to_ready(image: str, release: str) -> float:
                        check=True, capture_output=True)
         deadline = t0 + 300
         while time.monotonic() < deadline:
-            state = json.loads(subprocess.run(["lxc", "query", f"/1.0/instances/{name}/state"],
+            state = json.loads(subprocess.run(["lxc", "query", f"/1.0/instances/{name}/state"
+                                               f"?project={project_name()}"],
                                               capture_output=True, text=True).stdout)
             addrs = [a["address"] for a in (state.get("network") or {}).get("eth0", {})
                      .get("addresses", []) if a["family"] == "inet"]
@@ -67,6 +71,7 @@ def launch_to_ready(image: str, release: str) -> float:
 
 
 def main() -> int:
+    os.environ.update(lxc_env())  # `lxc` here in MODELSERVE_LXD_PROJECT, like bake.py
     stamp = time.strftime("%m%d%H%M", time.gmtime())
     salt = f"bench-{stamp}-{secrets.token_hex(2)}"
     made: list[str] = []
@@ -75,7 +80,8 @@ def main() -> int:
         full = bake(f"bench-full-{stamp}", salt)
         made += [full["fingerprint"], full["deps_fingerprint"]]
         deps_size = json.loads(subprocess.run(
-            ["lxc", "query", f"/1.0/images/{full['deps_fingerprint']}"], capture_output=True,
+            ["lxc", "query", f"/1.0/images/{full['deps_fingerprint']}?project={project_name()}"],
+            capture_output=True,
             text=True).stdout or "{}").get("size")
         incr = bake(f"bench-incr-{stamp}", salt)
         made.append(incr["fingerprint"])

@@ -33,6 +33,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from localcloud.lxd.project import lxc_env  # noqa: E402
 from rollout.clouds.lxd import LXDCloud  # noqa: E402
 from rollout.seed import Credentials, SeedParams, render_user_data  # noqa: E402
 
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     con = Console(stderr=True)
+    os.environ.update(lxc_env())  # `lxc` in MODELSERVE_LXD_PROJECT, like the rollout tool
     cloud = LXDCloud()
     env = f"bench{secrets.token_hex(2)}"
     results: dict = {"env": env, "a": args.a, "b": args.b, "rounds": args.rounds,

@@ -82,7 +82,9 @@ def main() -> int:
         images.append(seed.upload_image(conn, rel, rel.encode(), {
             "modelserve_model_sha256": meta["sha256"],
             "modelserve_model_accuracy": str(meta["metrics"]["accuracy"]),
-            "modelserve_built_at": f"2026-01-0{n + 1}T00:00:00Z"}))
+            "modelserve_built_at": f"2026-01-0{n + 1}T00:00:00Z",
+            "modelserve_provenance": "release",
+            "modelserve_accuracy_floor": str(meta["accuracy_floor"])}))
     env_name = f"bench{tag}"
     net = conn.network.find_network(seed.NETWORK)
     flavor = conn.compute.find_flavor(seed.FLAVOR)

@@ -112,6 +112,7 @@ def provenance(app_dir: Path) -> dict[str, str]:
     accuracy = meta.get("metrics", {}).get("accuracy")
     if not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
         raise BakeError(f"{meta_path}: metrics.accuracy missing or not in [0, 1]")
+    floor = accuracy_floor(meta, meta_path)
     match = re.search(r'__version__\s*=\s*["\']([^"\']+)', (app_dir / "__init__.py").read_text())
     sha = git("rev-parse", "HEAD") or "unknown"
     if sha != "unknown" and git("status", "--porcelain", "--", "app", "requirements.txt",
@@ -122,8 +123,26 @@ def provenance(app_dir: Path) -> dict[str, str]:
         "app_version": match.group(1) if match else "0.0.0",
         "model_sha256": digest,
         "model_accuracy": f"{accuracy:g}",
+        "accuracy_floor": f"{floor:g}",
+        "provenance": "release",  # stand-ins (tests) say "standin"; rollout's default skips them
         "built_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def accuracy_floor(meta: dict, meta_path: Path) -> float:
+    """The bundle's quality floor: metadata.json ``accuracy_floor`` or, for a bundle trained
+    before it was recorded, the majority-class baseline of its held-out rows + 0.05."""
+    floor = meta.get("accuracy_floor")
+    if floor is None:
+        labels = [r.get("true") for r in meta.get("holdout_sample") or []]
+        if not labels or any(y not in (0, 1) for y in labels):
+            raise BakeError(f"{meta_path}: no accuracy_floor and no held-out labels to derive it "
+                            "from (retrain with `make train`)")
+        floor = round(min(max(sum(labels), len(labels) - sum(labels)) / len(labels) + 0.05,
+                          1.0), 4)
+    if not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+        raise BakeError(f"{meta_path}: accuracy_floor not in [0, 1]")
+    return float(floor)
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -222,11 +241,57 @@ def ensure_wheelhouse() -> Path:
 
 # --- LXD --------------------------------------------------------------------------------
 
+def lxd_project_module():
+    """localcloud/lxd/project.py (stdlib; loaded by path: bake.py runs before any venv)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "modelserve_lxd_project", ROOT / "localcloud" / "lxd" / "project.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def lxd_project() -> str:
+    """MODELSERVE_LXD_PROJECT (default ``default``): where images, profiles and build
+    containers go."""
+    return os.environ.get("MODELSERVE_LXD_PROJECT", "").strip() or "default"
+
+
 def ensure_local_cloud() -> None:
     """localcloud/lxd/up.sh: daemon, pool, bridge, base image (fast when all is there)."""
-    proc = subprocess.run([str(ROOT / "localcloud" / "lxd" / "up.sh")])
+    env = {k: v for k, v in os.environ.items() if k != "LXD_CONF"}  # up.sh: default project
+    proc = subprocess.run([str(ROOT / "localcloud" / "lxd" / "up.sh")], env=env)
     if proc.returncode != 0:
         raise BakeError("localcloud/lxd/up.sh failed (see above)")
+
+
+def use_lxd_project(*, ensure: bool) -> None:
+    """Point every `lxc` of this process and its children (packer 1.6.6's lxd builder shells
+    out to `lxc`) at MODELSERVE_LXD_PROJECT: a private LXD_CONF whose `local` remote carries
+    the project. ``ensure``: also set the project up (features, profile, base image)."""
+    project = lxd_project()
+    if project == "default":
+        return
+    mod = lxd_project_module()
+    os.environ["LXD_CONF"] = str(mod.lxc_conf_dir(project))
+    if ensure:
+        try:
+            mod.ensure_project(project, bridge=BRIDGE, pool=POOL, base=BASE_ALIAS)
+        except (mod.ProjectError, subprocess.TimeoutExpired) as exc:
+            raise BakeError(f"LXD project {project}: {exc}") from exc
+
+
+def reuse_default_project_layer(alias: str) -> str | None:
+    """The same deps layer, when the default project has it: copied (read-only there) into
+    MODELSERVE_LXD_PROJECT, same fingerprint, in seconds instead of a bake of minutes."""
+    mod = lxd_project_module()
+    try:
+        mod.copy_base_image(lxd_project(), alias)
+    except (mod.ProjectError, subprocess.TimeoutExpired):
+        return None
+    log(f"deps layer {alias} copied from the default project")
+    return image_fingerprint(alias)
 
 
 def ensure_bake_profile(wheelhouse: Path) -> None:
@@ -243,8 +308,9 @@ def ensure_bake_profile(wheelhouse: Path) -> None:
                            "path": "/mnt/wheelhouse", "readonly": "true"},
         },
     }
-    have = subprocess.run(["lxc", "query", f"/1.0/profiles/{BAKE_PROFILE}"], text=True,
-                          capture_output=True)
+    have = subprocess.run(["lxc", "query",
+                           f"/1.0/profiles/{BAKE_PROFILE}?project={lxd_project()}"],
+                          text=True, capture_output=True)
     if have.returncode == 0:
         current = json.loads(have.stdout)
         if current.get("config") == body["config"] and current.get("devices") == body["devices"]:
@@ -358,12 +424,14 @@ def packer_build(only: str, variables: dict[str, str], var_file: Path, manifest:
 def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
     """Deps layer (reused when unchanged) then the release layer, on the local LXD cloud."""
     image = f"modelserve-{release}"
+    use_lxd_project(ensure=False)
     existing = image_fingerprint(image)
     if existing:
         raise BakeError(f"{image} already exists (fingerprint {existing[:12]}): images are "
                         f"immutable; choose another RELEASE or `lxc image delete {image}`")
     if not args.skip_local_cloud:
         ensure_local_cloud()
+    use_lxd_project(ensure=True)
     wheelhouse = ensure_wheelhouse()
     ensure_bake_profile(wheelhouse)
     extra_ca = extra_ca_pem(args.extra_ca_certs)
@@ -375,6 +443,8 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
     deps_alias = f"modelserve-deps-{key}"
     with file_lock(f"modelserve-bake-{deps_alias}"):
         deps_fp = image_fingerprint(deps_alias)
+        if deps_fp is None and lxd_project() != "default" and not args.rebuild_deps:
+            deps_fp = reuse_default_project_layer(deps_alias)
         t0 = time.monotonic()
         if deps_fp and not args.rebuild_deps:
             log(f"deps layer {deps_alias} unchanged: reused")
@@ -418,7 +488,8 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
 
 def image_size(fingerprint: str) -> int | None:
     """Size of the published (compressed) LXD image in bytes."""
-    proc = subprocess.run(["lxc", "query", f"/1.0/images/{fingerprint}"], text=True,
+    proc = subprocess.run(["lxc", "query",
+                           f"/1.0/images/{fingerprint}?project={lxd_project()}"], text=True,
                           capture_output=True)
     return json.loads(proc.stdout).get("size") if proc.returncode == 0 else None
 
@@ -468,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         prov = provenance(ROOT / "app")
         args.scripts_dir = args.scripts_dir.resolve()
         log(f"release {release}: git {prov['git_sha'][:12]}, app {prov['app_version']}, model "
-            f"{prov['model_sha256'][:12]} (accuracy {prov['model_accuracy']})")
+            f"{prov['model_sha256'][:12]} (accuracy {prov['model_accuracy']}, floor "
+            f"{prov['accuracy_floor']})")
         with tempfile.TemporaryDirectory(prefix="modelserve-bake-") as tmp:
             bake = bake_openstack if args.cloud == "openstack" else bake_lxd
             result = bake(args, release, prov, Path(tmp))

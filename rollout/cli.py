@@ -1,13 +1,17 @@
 """``python -m rollout``: the only error boundary of the deploy tool.
 
-Parses arguments, builds the cloud and the context, runs one command, prints progress on
-stderr (rich) and results on stdout (``--json``), and turns exceptions into one line and an
-exit status. Ctrl-C: the executor has already cleaned up when KeyboardInterrupt gets here.
+Installs its own SIGINT/SIGTERM/SIGHUP handlers first (``cancel.py``: whatever disposition
+was inherited, a signal cancels the run), validates every argument before any cloud call
+(bad input: one ``error:`` line, exit 2, nothing touched: invariant I9), builds the cloud and
+the context, runs one command, prints progress on stderr (rich) and results on stdout
+(``--json``), and turns exceptions into one line and an exit status (``ExitCode``). A
+signal: the executor has already undone this run's changes when ``Cancelled`` gets here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -17,15 +21,17 @@ from enum import IntEnum
 from rich.console import Console
 from rich.table import Table
 
-from rollout import executor
+from rollout import cancel, executor
 from rollout.clouds import default_cloud_name, open_cloud
 from rollout.errors import (
+    Cancelled,
     CloudError,
     DeployLocked,
     HealthCheckFailed,
     PlanError,
     RolloutError,
     WaitTimeout,
+    also_text,
 )
 from rollout.planner import DeployRequest, RollbackRequest
 
@@ -44,7 +50,42 @@ class ExitCode(IntEnum):
     UNHEALTHY = 5  # the green instance failed its health gate / post-switch check
     CLOUD = 6  # the cloud failed (permanent error, or transient errors beyond the budget)
     TIMEOUT = 7  # a wait ran out of time
-    INTERRUPTED = 130  # Ctrl-C (after cleanup)
+    SIGHUP = 129  # hang-up (after undo)
+    INTERRUPTED = 130  # SIGINT / Ctrl-C (after undo)
+    SIGTERM = 143  # terminated (after undo)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line ``error: ...`` and exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(ExitCode.USAGE, f"error: {self.prog.split()[-1]}: {message}\n")
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {low}, got {n}")
+        return n
+    return parse
+
+
+def _float_in(low: float, high: float | None, what: str, *, open_low: bool = False):
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if x != x or (x <= low if open_low else x < low) or (high is not None and x > high):
+            bound = (f"> {low:g}" if open_low else f">= {low:g}") + (
+                f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{what} must be {bound}, got {text}")
+        return x
+    return parse
 
 
 def _env_name(text: str) -> str:
@@ -62,7 +103,7 @@ def _release_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands deploy, rollback, status, history, plan, cleanup)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--cloud", choices=("lxd", "openstack"), default=None,
                         help="default: openstack when OS_CLOUD is set, else lxd")
     common.add_argument("--env", type=_env_name, default="dev",
@@ -70,26 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine output on stdout")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
-    p = argparse.ArgumentParser(prog="python -m rollout",
+    p = _Parser(prog="python -m rollout",
                                 description="Blue-green releases of modelserve images.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def deploy_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--release", type=_release_name, default=None,
                         help="release id (default: the newest image)")
-        sp.add_argument("--workers", type=int, default=0,
-                        help="extra worker-only instances for this release")
-        sp.add_argument("--keep", type=int, default=2,
+        sp.add_argument("--workers", type=_int_at_least(0, "--workers"), default=0,
+                        help="extra worker-only instances for this release (>= 0)")
+        sp.add_argument("--keep", type=_int_at_least(2, "--keep"), default=2,
                         help="releases kept warm in the env, live included (>= 2)")
-        sp.add_argument("--force", action="store_true", help="skip the accuracy gate")
-        sp.add_argument("--tolerance", type=float, default=0.01,
+        sp.add_argument("--force", action="store_true",
+                        help="override the quality floor and the accuracy gate (recorded)")
+        sp.add_argument("--tolerance", type=_float_in(0.0, 1.0, "--tolerance"), default=0.01,
                         help="allowed held-out accuracy drop vs live (default 0.01)")
+        sp.add_argument("--min-accuracy", type=_float_in(0.0, 1.0, "--min-accuracy"),
+                        default=None, help="quality floor (default: the image's)")
 
     sp = sub.add_parser("deploy", parents=[common], help="deploy a release (blue-green)")
     deploy_args(sp)
     sp.add_argument("--no-probe", action="store_true", help="no load probe during the switch")
-    sp.add_argument("--boot-timeout", type=float, default=180.0)
-    sp.add_argument("--health-timeout", type=float, default=240.0)
+    sp.add_argument("--boot-timeout", type=_float_in(0.0, None, "--boot-timeout", open_low=True),
+                    default=180.0, help="seconds an instance may take to boot (> 0)")
+    sp.add_argument("--health-timeout",
+                    type=_float_in(0.0, None, "--health-timeout", open_low=True),
+                    default=240.0, help="seconds the health gate may take (> 0)")
     sp = sub.add_parser("plan", parents=[common], help="print the steps a deploy would take")
     deploy_args(sp)
     sp = sub.add_parser("rollback", parents=[common], help="switch back to the previous release")
@@ -100,11 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("history", parents=[common], help="the env's switches, oldest first")
     sp = sub.add_parser("cleanup", parents=[common],
                         help="delete leftovers of failed runs and releases beyond --keep")
-    sp.add_argument("--keep", type=int, default=2)
+    sp.add_argument("--keep", type=_int_at_least(2, "--keep"), default=2)
     sp.add_argument("--images", action="store_true",
                     help="also delete images beyond --keep (never one in use)")
     sp.add_argument("--break-lock", action="store_true",
-                    help="take the env lock even if a (dead) run holds it")
+                    help="take the env lock even if a (dead) run holds it, and delete that "
+                         "run's instances (never a live holder's; printed first)")
     sp = sub.add_parser("destroy", parents=[common],
                         help="delete every instance of the env and its floating IP")
     sp.add_argument("--yes", action="store_true", help="required: this stops the live release")
@@ -114,12 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_status(con: Console, st: dict) -> None:
     con.print(f"env [bold]{st['env']}[/] on {st['cloud']}: floating IP "
-              f"{st['floating_ip'] or '-'} → live [bold green]{st['live'] or '-'}[/] "
+              f"{st['floating_ip'] or '-'} → live [bold green]{st['live_text']}[/] "
               f"({st['live_colour'] or '-'}), previous {st['previous'] or '-'}")
     if st["lock"]:
         lk = st["lock"]
         con.print(f"[yellow]locked[/] by {lk['holder']} since {lk['since']} "
-                  f"(deploy {lk['deploy_id']})")
+                  f"(deploy {lk['deploy_id']}, lease until {lk['expires'] or '-'})")
     t = Table("instance", "release", "colour", "role", "status", "address", "live")
     for i in st["instances"]:
         t.add_row(i["name"], i["release"], i["colour"], i["role"], i["status"],
@@ -136,9 +184,28 @@ def run(argv: list[str] | None = None, *, stdout=None, stderr=None, cloud=None,
         configure=None) -> int:
     """Parse, run, report; returns the exit status. ``cloud`` replaces ``--cloud`` and
     ``configure(ctx)`` adjusts the context (tests inject faults at the Cloud boundary)."""
+    previous = cancel.install()  # first: a signal from now on cancels (and undoes)
+    try:
+        return _run(argv, stdout=stdout, stderr=stderr, cloud=cloud, configure=configure)
+    except Cancelled as exc:  # before or after the command's own error boundary
+        return exc.exit_code
+    finally:
+        cancel.restore(previous)
+
+
+def _run(argv, *, stdout, stderr, cloud, configure) -> int:
     stdout = stdout or sys.stdout
     err = Console(file=stderr or sys.stderr, highlight=False)
-    args = build_parser().parse_args(argv)
+    try:
+        with contextlib.redirect_stderr(err.file), contextlib.redirect_stdout(stdout):
+            args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage: nothing was touched
+        return int(exc.code or 0) if isinstance(exc.code, int) else ExitCode.USAGE
+    except Cancelled as exc:
+        return exc.exit_code
+    if args.command == "destroy" and not args.yes:
+        err.print(f"[red]error:[/] destroy stops env {args.env}'s live release: add --yes")
+        return ExitCode.USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         stream=err.file, format="%(name)s: %(message)s")
     cloud_name = args.cloud or default_cloud_name()
@@ -190,21 +257,25 @@ def run(argv: list[str] | None = None, *, stdout=None, stderr=None, cloud=None,
             if not res["steps"]:
                 err.print("nothing to clean up")
         elif args.command == "destroy":
-            if not args.yes:
-                raise PlanError(f"destroy stops env {args.env}'s live release: add --yes")
             res = executor.destroy(ctx, break_lock=args.break_lock)
         else:  # pragma: no cover - argparse enforces the choices
             raise AssertionError(args.command)
         if args.json:
             emit(res)
         return ExitCode.OK
-    except KeyboardInterrupt:
-        err.print("[red]error:[/] interrupted (Ctrl-C); this run's changes were undone")
-        return ExitCode.INTERRUPTED
-    except RolloutError as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+    except KeyboardInterrupt as exc:  # Cancelled (a signal) or a plain KeyboardInterrupt
+        name = exc.signame if isinstance(exc, Cancelled) else "SIGINT"
+        err.print(f"[red]error:[/] interrupted by {name}; this run's changes were undone"
+                  + "".join(f"; also: {n}" for n in getattr(exc, "__notes__", [])),
+                  soft_wrap=True, markup=True)
         if args.json:
-            emit({"error": str(exc), "type": type(exc).__name__})
+            emit({"error": also_text(exc) or f"interrupted by {name}", "type": "Cancelled"})
+        return exc.exit_code if isinstance(exc, Cancelled) else ExitCode.INTERRUPTED
+    except RolloutError as exc:
+        err.print("[red]error:[/] ", end="")
+        err.print(also_text(exc), soft_wrap=True, markup=False)
+        if args.json:
+            emit({"error": also_text(exc), "type": type(exc).__name__})
         return _code_for(exc)
 
 
@@ -220,7 +291,7 @@ def _code_for(exc: RolloutError) -> ExitCode:
 def _deploy_request(args: argparse.Namespace, deploy_id: str) -> DeployRequest:
     return DeployRequest(env=args.env, deploy_id=deploy_id, release=args.release,
                          workers=args.workers, keep=args.keep, force=args.force,
-                         accuracy_tolerance=args.tolerance)
+                         accuracy_tolerance=args.tolerance, min_accuracy=args.min_accuracy)
 
 
 def _closing(err: Console, res: dict) -> None:

@@ -35,6 +35,16 @@ class CloudError(RolloutError):
     """A cloud API call failed permanently (bad request, quota, instance in ERROR)."""
 
 
+class AuthError(CloudError):
+    """Authentication or authorisation failed (HTTP 401/403, keystone Unauthorized).
+
+    Permanent: never retried (each retry is one more failed login towards a lockout policy)."""
+
+
+class CloudUnavailable(CloudError):
+    """Transient cloud errors went on beyond the retry budget (exit 6, like any CloudError)."""
+
+
 class TransientCloudError(CloudError):
     """A cloud API call failed in a way worth retrying (timeout, 5xx, connection reset)."""
 
@@ -51,5 +61,30 @@ class WaitTimeout(RolloutError):
     """A ``wait_for_*`` gave up: the resource did not reach the wanted state in time."""
 
 
-class Cancelled(RolloutError):
-    """The operator pressed Ctrl-C; cleanup has run."""
+class Cancelled(KeyboardInterrupt):
+    """A signal (SIGINT, SIGTERM, SIGHUP) asked the run to stop; raised in the main thread
+    by the handlers ``rollout.cancel`` installs. A ``KeyboardInterrupt`` (a BaseException), so
+    no ``except Exception`` swallows it. Exit status 128 + signal number (130/143/129)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        try:
+            self.signame = signal.Signals(signum).name
+        except ValueError:
+            self.signame = f"signal {signum}"
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {self.signame}")
+
+
+def add_also(exc: BaseException, text: str) -> None:
+    """Report ``text`` (an error met while undoing or unlocking) beside ``exc``, never instead
+    of it: the CLI prints ``<exc>; also: <text>``."""
+    exc.add_note(text)
+
+
+def also_text(exc: BaseException) -> str:
+    """``exc`` as one line with its notes (``add_also``) appended."""
+    notes = getattr(exc, "__notes__", None) or []
+    return str(exc) + "".join(f"; also: {n}" for n in notes)

@@ -1,28 +1,26 @@
 """Apply a plan to a cloud, with cleanup by construction.
 
-``deploy``/``rollback``/``cleanup`` each: take the env lock (a CAS on the floating IP),
-observe, plan (pure), apply, unlock. Everything a run creates is registered *before* the call
-that creates it; on any failure — Ctrl-C included — the floating IP is put back if it moved and
-was not verified, the run's instances are deleted, and whatever could not be deleted is named
-in the error for ``cleanup``. The live release keeps serving throughout.
+``deploy``/``rollback``/``cleanup`` each: observe and plan WITHOUT the lock (a refusal
+changes nothing: invariant I9), then take the env lock (``lock.py``: a leased CAS on the
+floating IP, creating it race-free for a new env), observe and plan again, apply, unlock.
+Everything a run creates is registered *before* the call that creates it; on any failure
+(a signal included: ``cancel.py``) the floating IP is put back if it moved, was not verified
+and still carries our lock, the run's instances are deleted, and whatever could not be
+deleted is named in the error for ``cleanup``; errors met while undoing are reported beside
+the first one. The live release keeps serving throughout. The cloud is only reached through
+``ctx.cloud``, a ``BoundedCloud`` (every call under a named retry policy: I6).
+
+Module map: ``context.py`` (Context, ids, test hook) · ``lock.py`` · ``report.py`` (Reporter)
+· ``views.py`` (observe, status, history, destroy) · ``bounded.py`` · ``cancel.py``.
 """
 
 from __future__ import annotations
 
-import getpass
-import os
-import secrets
-import signal
-import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 
-from rollout import health
+from rollout import cancel, health
 from rollout.clouds.base import (
-    Cloud,
     Deployment,
     FipState,
     FloatingIP,
@@ -31,15 +29,23 @@ from rollout.clouds.base import (
     InstanceSpec,
     Lock,
 )
+from rollout.context import (  # noqa: F401 - re-exported
+    Context,
+    default_holder,
+    new_deploy_id,
+    pause_hook,
+    utcnow,
+)
 from rollout.errors import (
     CloudError,
-    Conflict,
     DeployLocked,
     HealthCheckFailed,
     PlanError,
     RolloutError,
     WaitTimeout,
+    add_also,
 )
+from rollout.lock import env_lock, renew  # noqa: F401 - re-exported
 from rollout.planner import (
     CleanupRequest,
     CreateFloatingIP,
@@ -52,175 +58,17 @@ from rollout.planner import (
     Plan,
     Retire,
     RollbackRequest,
-    Step,
     Switch,
     Verify,
+    check_spared,
     plan_cleanup,
     plan_deploy,
     plan_rollback,
 )
-from rollout.retry import CLOUD_CALL, HEALTH_GATE, ROLLBACK_HEALTH, VERIFY_SWITCH
+from rollout.report import Reporter  # noqa: F401 - re-exported
+from rollout.retry import HEALTH_GATE, ROLLBACK_HEALTH, VERIFY_SWITCH
 from rollout.seed import Credentials, SeedParams, render_user_data
-
-
-def utcnow() -> str:
-    """ISO-8601 UTC, seconds."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def new_deploy_id() -> str:
-    """A short random id naming one run (and its instances)."""
-    return secrets.token_hex(3)
-
-
-def default_holder() -> str:
-    """user@host:pid — who holds a lock."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}:{os.getpid()}"
-
-
-class Reporter:
-    """Progress lines on the console given (stderr); the executor never prints itself."""
-
-    def __init__(self, console=None):
-        self.console = console
-
-    @contextmanager
-    def step(self, text: str) -> Iterator[None]:
-        """Spinner while a step runs, then a ✓/✗ line with its duration."""
-        t0 = time.monotonic()
-        if self.console is None:
-            yield
-            return
-        try:
-            with self.console.status(text):
-                yield
-        except BaseException:
-            self.console.print(f"[red]✗[/] {text} [dim]({time.monotonic() - t0:.1f}s)[/]")
-            raise
-        self.console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - t0:.1f}s)[/]")
-
-    def info(self, text: str) -> None:
-        """An informational line."""
-        if self.console is not None:
-            self.console.print(f"  {text}")
-
-    def warn(self, text: str) -> None:
-        """A warning line."""
-        if self.console is not None:
-            self.console.print(f"[yellow]![/] {text}")
-
-
-@dataclass
-class Context:
-    """What every run needs; tests swap any part (sleep, timeouts, reporter, cloud)."""
-
-    cloud: Cloud
-    env: str
-    reporter: Reporter = field(default_factory=Reporter)
-    deploy_id: str = field(default_factory=new_deploy_id)
-    holder: str = field(default_factory=default_holder)
-    sleep: Callable[[float], None] = time.sleep
-    boot_timeout: float = 180.0
-    health_timeout: float = 240.0
-    probe: bool = True
-    worker_concurrency: int = 2
-    flavor: str = ""
-    port: int = 8080
-    # test hook: called with each step before it runs (fault injection at the step boundary)
-    before_step: Callable[[Step], None] | None = None
-
-
-def cloud_call(ctx: Context, fn, what: str):
-    """One cloud call under the CLOUD_CALL policy (transient errors retried)."""
-    return CLOUD_CALL.run(fn, sleep=ctx.sleep, what=what)
-
-
-def observe(ctx: Context) -> Deployment:
-    """Read the env's floating IP, all releases and the env's instances."""
-    fip = cloud_call(ctx, lambda: ctx.cloud.find_floating_ip(ctx.env), "reading floating IP")
-    releases = cloud_call(ctx, ctx.cloud.list_releases, "listing releases")
-    insts = cloud_call(ctx, lambda: ctx.cloud.list_instances(ctx.env), "listing instances")
-    return Deployment(ctx.env, fip, tuple(releases), tuple(insts))
-
-
-# -- the lock --------------------------------------------------------------------------------
-@contextmanager
-def env_lock(ctx: Context, *, break_lock: bool = False, create: bool = True
-             ) -> Iterator[Lock]:
-    """Hold the env's deploy lock (on its floating IP) for the block."""
-    cloud = ctx.cloud
-    fip = cloud_call(ctx, lambda: cloud.find_floating_ip(ctx.env), "reading floating IP")
-    if fip is None:
-        if not create:
-            raise PlanError(f"env {ctx.env} has no floating IP: nothing was ever deployed")
-        with ctx.reporter.step(f"allocate the floating IP of env {ctx.env}"):
-            try:
-                fip = cloud_call(ctx, lambda: cloud.create_floating_ip(ctx.env),
-                                 "creating floating IP")
-            except Conflict:
-                fip = cloud.find_floating_ip(ctx.env)
-        if fip is None:
-            raise CloudError(f"could not allocate the floating IP of env {ctx.env}")
-    mine = Lock(ctx.holder, utcnow(), ctx.deploy_id)
-    for _attempt in range(10):
-        held = fip.state.lock
-        if held and held.deploy_id != ctx.deploy_id and not break_lock:
-            raise DeployLocked(ctx.env, held.holder, held.since, held.deploy_id)
-        if held and break_lock and held.deploy_id != ctx.deploy_id:
-            ctx.reporter.warn(f"breaking the lock of {held.holder} (deploy {held.deploy_id}, "
-                              f"since {held.since})")
-        try:
-            fip = cloud_call(ctx, lambda f=fip: cloud.update_floating_ip(
-                f, target=f.target, state=replace(f.state, lock=mine),
-                if_revision=f.revision), "taking the deploy lock")
-            break
-        except Conflict:
-            ctx.sleep(0.2)
-            fip = cloud_call(ctx, lambda: cloud.find_floating_ip(ctx.env), "reading FIP")
-            if fip is None:
-                raise CloudError(f"the floating IP of env {ctx.env} vanished") from None
-    else:
-        raise RolloutError(f"could not take the lock of env {ctx.env}: it keeps changing; "
-                           "retry")
-    try:
-        yield mine
-    finally:
-        _unlock(ctx, mine)
-
-
-def _unlock(ctx: Context, mine: Lock) -> None:
-    with _no_interrupts():
-        for _attempt in range(10):
-            fip = ctx.cloud.find_floating_ip(ctx.env)
-            if fip is None or not fip.state.lock or fip.state.lock.deploy_id != mine.deploy_id:
-                return
-            try:
-                cloud_call(ctx, lambda f=fip: ctx.cloud.update_floating_ip(
-                    f, target=f.target, state=replace(f.state, lock=None),
-                    if_revision=f.revision), "releasing the deploy lock")
-                return
-            except Conflict:
-                ctx.sleep(0.2)
-        ctx.reporter.warn(f"could not release the lock of env {ctx.env}; "
-                          f"python -m rollout cleanup --env {ctx.env} --break-lock")
-
-
-@contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """Ignore Ctrl-C while undoing (main thread only); a second Ctrl-C must not orphan."""
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
+from rollout.views import destroy, history, observe, status  # noqa: F401 - re-exported
 
 
 # -- the executor ----------------------------------------------------------------------------
@@ -240,11 +88,17 @@ class Executor:
         self.result: dict = {}
         self.started = time.monotonic()
 
+    def _renew(self) -> None:
+        if self.lock is not None:
+            renew(self.ctx)
+
     # each handler takes its step
     def apply(self) -> dict:
         """Run every step; undo on failure; return the JSON-ready result."""
         try:
             for step in self.plan.steps:
+                pause_hook(step.kind, keepalive=self._renew)
+                self._renew()  # the lease outlives the step; DeployLocked if taken over
                 if self.ctx.before_step:
                     self.ctx.before_step(step)
                 t0 = time.monotonic()
@@ -259,7 +113,11 @@ class Executor:
 
     def summary(self) -> dict:
         """What happened, for --json and the closing line."""
-        fip = self.ctx.cloud.find_floating_ip(self.ctx.env)
+        try:
+            fip = self.ctx.cloud.find_floating_ip(self.ctx.env)
+        except RolloutError as err:  # the run is done: a failed read only loses the address
+            self.ctx.reporter.warn(f"could not read the floating IP for the summary: {err}")
+            fip = self.observed.fip
         return {
             "action": self.plan.action,
             "env": self.ctx.env,
@@ -279,7 +137,9 @@ class Executor:
 
     # -- undo ----------------------------------------------------------------------------
     def undo(self, exc: BaseException) -> None:
-        """Put the floating IP back (if moved, unverified) and delete what this run made.
+        """Put the floating IP back (if moved, unverified, and still carrying our lock) and
+        delete what this run made; signals are deferred meanwhile; errors met here are
+        reported beside ``exc`` (``add_also``), never instead of it.
 
         Once the switch is verified the new release is live and healthy: it is the truth now,
         and nothing it runs on is deleted (a later failure, e.g. retiring, is only reported).
@@ -288,33 +148,71 @@ class Executor:
         if self.verified:
             ctx.reporter.warn(f"{self.plan.release} is live and verified; a later step failed")
             return
-        with _no_interrupts():
-            if self.switched_from is not None and not self.verified:
-                old = self.switched_from
-                try:
-                    cur = ctx.cloud.find_floating_ip(ctx.env)
-                    if cur is not None:
-                        cloud_call(ctx, lambda: ctx.cloud.update_floating_ip(
-                            cur, target=old.target, state=replace(old.state, lock=self.lock),
-                            if_revision=cur.revision), "switching the floating IP back")
-                        ctx.reporter.warn(f"floating IP switched back to {old.target}")
+        problems: list[str] = []
+        with cancel.deferred(raise_pending=False):
+            if self.switched_from is not None and not self._switch_back(problems):
+                # the floating IP may still point at our set: deleting it would leave the
+                # env serving nothing; keep it, and say so
+                ctx.reporter.warn(f"keeping this run's instances: the floating IP of env "
+                                  f"{ctx.env} may still point at them")
+                problems.append(f"kept this run's instances ({', '.join(self.created)}): the "
+                                "floating IP may still point at them; check "
+                                f"python -m rollout status --env {ctx.env}")
+                self.created = []
+            if any(n not in self.by_name for n in self.created):
+                try:  # a create interrupted before it returned: find its id by name
+                    for i in ctx.cloud.list_instances(ctx.env):
+                        if i.name in self.created and i.name not in self.by_name:
+                            self.by_name[i.name] = i
                 except Exception as err:  # noqa: BLE001 - report, keep undoing
-                    ctx.reporter.warn(f"could not switch the floating IP back: {err}")
-                    self.leftovers.append(f"floating-ip:{ctx.env}")
+                    problems.append(f"could not list instances: {err}")
             for name in reversed(self.created):
                 inst = self.by_name.get(name)
                 inst_id = inst.id if inst else name
                 try:
-                    cloud_call(ctx, lambda i=inst_id: ctx.cloud.delete_instance(i),
-                               f"deleting {name}")
+                    ctx.cloud.delete_instance(inst_id)
                     ctx.reporter.info(f"deleted {name} (created by this run)")
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:  # noqa: BLE001 - report, keep undoing
                     ctx.reporter.warn(f"could not delete {name}: {err}")
+                    problems.append(f"could not delete {name}: {err}")
                     self.leftovers.append(name)
+        for text in problems:
+            add_also(exc, text)
         if self.leftovers and isinstance(exc, RolloutError):
             exc.args = (f"{exc.args[0] if exc.args else exc}; left behind: "
                         f"{', '.join(self.leftovers)} — python -m rollout cleanup --env "
                         f"{ctx.env}",)
+
+    def _switch_back(self, problems: list[str]) -> bool:
+        """Put the floating IP back where it was; False if it may still point at our set."""
+        ctx, old = self.ctx, self.switched_from
+        assert old is not None
+        ours = {i.port for n, i in self.by_name.items() if n in self.created and i.port}
+        try:
+            cur = ctx.cloud.find_floating_ip(ctx.env)
+            if cur is None:
+                raise CloudError("the floating IP vanished")
+            moved = cur.target != old.target
+            restated = (cur.state.live, cur.state.previous) != (old.state.live,
+                                                               old.state.previous)
+            if not moved and not restated:
+                return True  # it never moved, and says what it said before
+            if moved and cur.target not in ours:
+                return True  # someone else moved it: not ours to touch, nor to lose
+            held = cur.state.lock
+            if self.lock is not None and (not held or held.deploy_id != self.lock.deploy_id):
+                raise CloudError(f"not switching the floating IP back: the env's lock is now "
+                                 f"{held.holder + ' (deploy ' + held.deploy_id + ')' if held else 'gone'}")
+            ctx.cloud.update_floating_ip(cur, target=old.target,
+                                         state=replace(old.state, lock=held),
+                                         if_revision=cur.revision)
+            ctx.reporter.warn(f"floating IP switched back to {old.target}")
+            return True
+        except Exception as err:  # noqa: BLE001 - report, keep undoing
+            ctx.reporter.warn(f"could not switch the floating IP back: {err}")
+            problems.append(f"could not switch the floating IP back: {err}")
+            self.leftovers.append(f"floating-ip:{ctx.env}")
+            return False
 
     # -- step handlers ---------------------------------------------------------------------
     def do_create_floating_ip(self, step: CreateFloatingIP) -> None:
@@ -325,8 +223,7 @@ class Executor:
     def do_delete_instances(self, step: DeleteInstances) -> None:
         for name in step.instances:
             inst = self.by_name.get(name)
-            cloud_call(self.ctx, lambda i=(inst.id if inst else name): self.ctx.cloud
-                       .delete_instance(i), f"deleting {name}")
+            self.ctx.cloud.delete_instance(inst.id if inst else name)
 
     def do_retire(self, step: Retire) -> None:
         try:
@@ -338,8 +235,7 @@ class Executor:
     def do_delete_image(self, step: DeleteImage) -> None:
         rel = self.observed.release(step.release)
         if rel is not None:
-            cloud_call(self.ctx, lambda: self.ctx.cloud.delete_release(rel),
-                       f"deleting image {step.image}")
+            self.ctx.cloud.delete_release(rel)
 
     def _launch(self, name: str, release: str, params: SeedParams, role: str) -> Instance:
         ctx = self.ctx
@@ -350,8 +246,8 @@ class Executor:
                   "deploy_id": ctx.deploy_id, "created_at": utcnow(),
                   "model_sha256": rel.model_sha256}
         spec = InstanceSpec(name, rel, labels, render_user_data(params), ctx.flavor)
-        self.created.append(name)  # registered before the call: Ctrl-C mid-create cleans too
-        inst = cloud_call(ctx, lambda: ctx.cloud.create_instance(spec), f"creating {name}")
+        self.created.append(name)  # registered before the call: a signal mid-create cleans too
+        inst = ctx.cloud.create_instance(spec)
         self.by_name[name] = inst
         inst = ctx.cloud.wait_for_instance(inst.id, timeout=ctx.boot_timeout)
         self.by_name[name] = inst
@@ -381,12 +277,13 @@ class Executor:
         front = self.by_name[step.front]
         if not front.address:
             front = ctx.cloud.get_instance(front.id)
-        fresh = step.front in self.created
-        policy = HEALTH_GATE.with_budget(ctx.health_timeout) if fresh else ROLLBACK_HEALTH
+        full = getattr(step, "full", step.front in self.created)
+        policy = HEALTH_GATE.with_budget(ctx.health_timeout) if full else ROLLBACK_HEALTH
         deploy_id = front.deploy_id
+        rel = self.observed.release(step.release) or step.release
 
         def attempt() -> dict:
-            return health.check_front(front.address or "", release=step.release,
+            return health.check_front(front.address or "", release=rel,
                                       model_sha256=step.model_sha256, deploy_id=deploy_id,
                                       name=front.name, port=ctx.port)
 
@@ -403,11 +300,20 @@ class Executor:
             w = self.by_name[name]
             if w.status != "RUNNING":
                 raise HealthCheckFailed(f"worker {name} is {w.status}")
+        if step.workers:  # invariant I7: each worker seen serving on the front's broker
+            try:
+                policy.run(lambda: health.check_workers(
+                    front.address or "", ctx.port, step.workers, step.model_sha256,
+                    front=front.name), sleep=ctx.sleep, what=f"workers of {front.name}")
+            except WaitTimeout as exc:
+                raise HealthCheckFailed(f"workers of {front.name} ({step.release}) were not "
+                                        f"seen serving: {exc}; the live release keeps serving"
+                                        ) from exc
 
     def do_switch(self, step: Switch) -> None:
         ctx = self.ctx
         front = self.by_name[step.front]
-        fip = cloud_call(ctx, lambda: ctx.cloud.find_floating_ip(ctx.env), "reading FIP")
+        fip = ctx.cloud.find_floating_ip(ctx.env)
         if fip is None:
             raise CloudError(f"the floating IP of env {ctx.env} vanished")
         if self.lock and (not fip.state.lock or fip.state.lock.deploy_id != self.lock.deploy_id):
@@ -418,13 +324,13 @@ class Executor:
         if ctx.probe and fip.target:
             probe = health.Probe(fip.address, port=ctx.port).start()
             ctx.sleep(0.15)  # let the probe see the old release first
-        state = FipState(live=step.release, previous=step.previous or "", lock=self.lock)
+        state = FipState(live=step.release, previous=step.previous or "",
+                         lock=fip.state.lock if self.lock else None)
         self.switched_from = fip
         t0 = time.monotonic()
         try:
-            cloud_call(ctx, lambda: ctx.cloud.update_floating_ip(
-                fip, target=front.port, state=state, if_revision=fip.revision),
-                "switching the floating IP")
+            ctx.cloud.update_floating_ip(fip, target=front.port, state=state,
+                                         if_revision=fip.revision)
             self._verify(step.release, fip.address, t0)
         finally:
             if probe is not None:
@@ -438,9 +344,11 @@ class Executor:
         try:
             cur = ctx.cloud.find_floating_ip(ctx.env)
             if cur is not None:
+                # an override of the quality floor or accuracy gate is part of the record
+                forced = any("overridden (--force)" in n for n in self.plan.notes)
                 ctx.cloud.record_event(cur, HistoryEvent(
-                    utcnow(), self.plan.action, step.release, step.from_release or "",
-                    ctx.deploy_id))
+                    utcnow(), self.plan.action + ("-forced" if forced else ""), step.release,
+                    step.from_release or "", ctx.deploy_id))
         except RolloutError as err:
             ctx.reporter.warn(f"could not record history: {err}")
 
@@ -470,18 +378,43 @@ class Executor:
 
 
 # -- the commands ----------------------------------------------------------------------------
+def _notes(ctx: Context, plan: Plan) -> None:
+    for note in plan.notes:
+        ctx.reporter.info(note)
+
+
 def deploy(ctx: Context, req: DeployRequest) -> dict:
-    """Lock, observe, plan, apply."""
+    """Plan without the lock (a refusal changes nothing), lock, observe, re-plan, apply.
+
+    A reused warm set that fails its gate is replaced once by a fresh set (invariant I11)."""
+    first = observe(ctx)
+    plan = plan_deploy(first, req)
+    if not plan.steps:
+        _notes(ctx, plan)
+        return Executor(ctx, first, None, plan).summary()
     with env_lock(ctx) as lock:
         observed = observe(ctx)
         plan = plan_deploy(observed, req)
-        for note in plan.notes:
-            ctx.reporter.info(note)
-        return Executor(ctx, observed, lock, plan).apply()
+        check_spared(observed, plan)
+        _notes(ctx, plan)
+        try:
+            return Executor(ctx, observed, lock, plan).apply()
+        except HealthCheckFailed as exc:
+            if not any(isinstance(s, HealthGate) and getattr(s, "reused", False)
+                       for s in plan.steps) or not hasattr(req, "reuse_warm"):
+                raise
+            ctx.reporter.warn(f"the reused warm set failed its gate ({exc}); launching a "
+                              "fresh set")
+            observed = observe(ctx)
+            plan = plan_deploy(observed, replace(req, reuse_warm=False))
+            check_spared(observed, plan)
+            _notes(ctx, plan)
+            return Executor(ctx, observed, lock, plan).apply()
 
 
 def rollback(ctx: Context, req: RollbackRequest) -> dict:
-    """Lock, observe, plan, apply (no instance is created)."""
+    """Plan without the lock, lock, observe, re-plan, apply (no instance is created)."""
+    plan_rollback(observe(ctx), req)
     with env_lock(ctx, create=False) as lock:
         observed = observe(ctx)
         plan = plan_rollback(observed, req)
@@ -489,21 +422,28 @@ def rollback(ctx: Context, req: RollbackRequest) -> dict:
 
 
 def cleanup(ctx: Context, *, keep: int, images: bool, break_lock: bool) -> dict:
-    """Lock (breaking a stale one if asked), observe, plan_cleanup, apply."""
-    fip = ctx.cloud.find_floating_ip(ctx.env)
-    if fip is None:
-        # never deployed (or FIP gone): only orphans can exist; no lock to take
+    """Plan without the lock; if there is something to do (or a lock to break): lock (taking
+    over a dead run's lock, whose instances then go: I11; an env without a floating IP gets
+    one just for the lock), observe, re-plan, print what will be deleted, apply."""
+    req = CleanupRequest(ctx.env, keep, images, _elsewhere(ctx))
+    first = observe(ctx)
+    held = first.fip.state.lock if first.fip else None
+    plan = plan_cleanup(first, replace(req, active_deploy_id=held.deploy_id if held else ""))
+    if not plan.steps and held is None:
+        return Executor(ctx, first, None, plan).summary()
+    with env_lock(ctx, break_lock=break_lock, create=first.fip is None,
+                  temporary=True) as lock:
+        dead = ctx.took_over.deploy_id if ctx.took_over else ""
         observed = observe(ctx)
-        plan = plan_cleanup(observed, CleanupRequest(ctx.env, keep, images, _elsewhere(ctx)))
-        return Executor(ctx, observed, None, plan).apply()
-    with env_lock(ctx, break_lock=break_lock, create=False) as lock:
-        observed = observe(ctx)
-        plan = plan_cleanup(observed, CleanupRequest(ctx.env, keep, images, _elsewhere(ctx)))
+        plan = plan_cleanup(observed, replace(req, dead_deploy_id=dead))
+        check_spared(observed, plan, dead)
+        for step in plan.steps:
+            ctx.reporter.info(f"will {step.describe()}")
         return Executor(ctx, observed, lock, plan).apply()
 
 
 def _elsewhere(ctx: Context) -> frozenset[str]:
-    every = cloud_call(ctx, lambda: ctx.cloud.list_instances(None), "listing all instances")
+    every = ctx.cloud.list_instances(None)
     return frozenset(i.release for i in every if i.env != ctx.env)
 
 
@@ -511,63 +451,3 @@ def plan_only(ctx: Context, req: DeployRequest) -> dict:
     """Dry run: the plan, nothing changed (no lock taken)."""
     plan = plan_deploy(observe(ctx), req)
     return plan.to_dict()
-
-
-def status(ctx: Context) -> dict:
-    """Live release, rollback target, lock, floating IP, instances and images of the env."""
-    observed = observe(ctx)
-    fip = observed.fip
-    live = observed.live_instance
-    return {
-        "env": ctx.env,
-        "cloud": ctx.cloud.name,
-        "floating_ip": fip.address if fip else None,
-        "url": health.base_url(fip.address, ctx.port) + "/" if fip else None,
-        "target": fip.target if fip else None,
-        "live": observed.live,
-        "live_colour": live.colour if live else None,
-        "previous": observed.previous,
-        "lock": (None if not fip or not fip.state.lock else
-                 {"holder": fip.state.lock.holder, "since": fip.state.lock.since,
-                  "deploy_id": fip.state.lock.deploy_id}),
-        "instances": [
-            {"name": i.name, "release": i.release, "colour": i.colour, "role": i.role,
-             "status": i.status, "address": i.address, "deploy_id": i.deploy_id,
-             "live": bool(live and i.deploy_id == live.deploy_id and i.release == live.release)}
-            for i in observed.instances
-        ],
-        "releases": [
-            {"release": r.release, "image": r.name, "built_at": r.built_at,
-             "model_sha256": r.model_sha256, "model_accuracy": r.model_accuracy,
-             "git_sha": r.git_sha}
-            for r in observed.releases
-        ],
-    }
-
-
-def history(ctx: Context) -> list[dict]:
-    """The env's switch history, oldest first."""
-    fip = cloud_call(ctx, lambda: ctx.cloud.find_floating_ip(ctx.env), "reading floating IP")
-    if fip is None:
-        return []
-    return [{"at": e.at, "action": e.action, "release": e.release,
-             "from_release": e.from_release or None, "deploy_id": e.deploy_id}
-            for e in fip.history]
-
-
-def destroy(ctx: Context, *, break_lock: bool = False) -> dict:
-    """Delete every instance of the env and its floating IP (the env is gone afterwards)."""
-    names: list[str] = []
-    fip = cloud_call(ctx, lambda: ctx.cloud.find_floating_ip(ctx.env), "reading floating IP")
-    if fip is not None and fip.state.lock and not break_lock:
-        lk = fip.state.lock
-        raise DeployLocked(ctx.env, lk.holder, lk.since, lk.deploy_id)
-    for inst in cloud_call(ctx, lambda: ctx.cloud.list_instances(ctx.env), "listing instances"):
-        with ctx.reporter.step(f"delete {inst.name} ({inst.release}, {inst.role})"):
-            cloud_call(ctx, lambda i=inst.id: ctx.cloud.delete_instance(i), f"deleting {inst.name}")
-        names.append(inst.name)
-    if fip is not None:
-        with ctx.reporter.step(f"release floating IP {fip.address}"):
-            cloud_call(ctx, lambda: ctx.cloud.delete_floating_ip(fip), "deleting floating IP")
-    return {"action": "destroy", "env": ctx.env, "deleted": names,
-            "floating_ip": fip.address if fip else None}

@@ -1,10 +1,12 @@
 """Talking HTTP to the app: the health gate, the post-switch check, and the load probe.
 
 The gate asks each green front directly (not through the floating IP): ``/readyz`` must be
-200, ``/version`` must name the release and deploy this seed gave it, and a real prediction
-must answer with the image's model sha256. "Not yet" (connection refused, 503) raises
-``NotReady`` and is retried by a named policy; a wrong answer raises ``HealthCheckFailed``
-at once (waiting will not fix a wrong model).
+200; ``/version`` must report the identity the image itself holds (RELEASE.json: release,
+git sha, model sha256), equal to the image's properties (I8), plus the deploy and colour this
+seed gave it; a real prediction must answer with the image's model sha256; and every worker
+instance must be seen on the front's broker serving that model (``check_workers``, I7).
+"Not yet" (connection refused, 503) raises ``NotReady`` and is retried by a named policy; a
+wrong answer raises ``HealthCheckFailed`` at once (waiting will not fix a wrong model).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import requests
 
-from rollout.clouds.base import APP_PORT
+from rollout.clouds.base import APP_PORT, Release
 from rollout.errors import HealthCheckFailed
 from rollout.retry import NotReady
 
@@ -37,11 +40,44 @@ def _get(url: str, what: str) -> requests.Response:
         raise NotReady(f"{what}: {type(exc).__name__}") from exc
 
 
-def check_front(address: str, *, release: str, model_sha256: str, deploy_id: str = "",
-                name: str = "", port: int = APP_PORT) -> dict:
-    """One health-gate attempt on a front; returns its /version on success."""
+def _identity_mismatch(version: dict, release: Release) -> str | None:
+    """Why /version (what the image holds: RELEASE.json) disagrees with the image's
+    properties, or None. A release baked by packer/bake.py must report its RELEASE.json."""
+    image = version.get("image")
+    if release.is_baked_release and not isinstance(image, dict):
+        return ("reports no RELEASE.json (\"image\": null" + (
+            f", {version['image_error']}" if version.get("image_error") else "")
+            + "): the image was not baked by packer/bake.py")
+    claims = {"release": version.get("release"), "model_sha256": version.get("model_sha256")}
+    if isinstance(image, dict):
+        claims.update({"release": image.get("release"), "git_sha": image.get("git_sha"),
+                       "image model_sha256": image.get("model_sha256")})
+    elif release.is_baked_release or version.get("git_sha") is not None:
+        claims["git_sha"] = version.get("git_sha")
+    want = {"release": release.release, "model_sha256": release.model_sha256,
+            "image model_sha256": release.model_sha256, "git_sha": release.git_sha}
+    for key, got in claims.items():
+        if key == "git_sha" and not release.git_sha:
+            continue
+        if got != want[key]:
+            return f"says {key} {str(got)[:40]!r}, the image's properties say {want[key][:40]!r}"
+    return None
+
+
+def check_front(address: str, *, release: str | Release, model_sha256: str = "",
+                deploy_id: str = "", name: str = "", port: int = APP_PORT,
+                colour: str = "") -> dict:
+    """One health-gate attempt on a front; returns its /version on success.
+
+    ``release`` is the image's Release (invariant I8: /version's release, git sha and model
+    sha256, read from the image's own RELEASE.json, must equal the image's properties) or,
+    for old callers, a release name (then only the name and ``model_sha256`` are checked).
+    ``deploy_id`` and ``colour`` prove the seed applied.
+    """
     url = base_url(address, port)
     who = name or address
+    rel_name = release.release if isinstance(release, Release) else release
+    model_sha256 = model_sha256 or (release.model_sha256 if isinstance(release, Release) else "")
     r = _get(f"{url}/readyz", f"{who} /readyz")
     if r.status_code != 200:
         raise NotReady(f"{who} /readyz {r.status_code}: {r.text[:200].strip()}")
@@ -49,14 +85,25 @@ def check_front(address: str, *, release: str, model_sha256: str, deploy_id: str
     if r.status_code != 200:
         raise NotReady(f"{who} /version {r.status_code}")
     version = r.json()
-    if version.get("release") != release:
+    if version.get("release") != rel_name:
         raise HealthCheckFailed(
-            f"{who} says release {version.get('release')!r}, expected {release!r}: the image "
+            f"{who} says release {version.get('release')!r}, expected {rel_name!r}: the image "
             "or its seed is wrong")
+    if isinstance(release, Release):
+        why = _identity_mismatch(version, release)
+        if why:
+            raise HealthCheckFailed(f"{who} {why}: refusing to switch to an image that is not "
+                                    "what its properties claim")
+    if version.get("seed_release") not in (None, rel_name):
+        raise HealthCheckFailed(f"{who} was seeded for release {version['seed_release']!r} "
+                                f"but runs {rel_name!r}: launched from the wrong image")
     if deploy_id and version.get("deploy_id") != deploy_id:
         raise HealthCheckFailed(
             f"{who} says deploy {version.get('deploy_id')!r}, expected {deploy_id!r}: its seed "
             "did not apply")
+    if colour and version.get("colour") and version["colour"] != colour:
+        raise HealthCheckFailed(f"{who} says colour {version['colour']}, expected {colour}: "
+                                "its seed did not apply")
     try:
         r = requests.post(f"{url}/api/v1/predictions", json=SAMPLE, timeout=TIMEOUT,
                           headers={"Connection": "close"})
@@ -77,6 +124,53 @@ def check_front(address: str, *, release: str, model_sha256: str, deploy_id: str
             f"{who} serves model sha256 {str(got)[:12]}…, the image says "
             f"{model_sha256[:12]}…: refusing to switch")
     return version
+
+
+def _same_instance(entry: dict, name: str) -> bool:
+    """A /api/v1/workers entry is instance ``name`` (a hostname may carry a domain)."""
+    for host in (str(entry.get("instance") or ""), str(entry.get("node") or "").partition("@")[2]):
+        if host == name or host.split(".", 1)[0] == name:
+            return True
+    return False
+
+
+def check_workers(address: str, port: int = APP_PORT, names: Sequence[str] = (),
+                  model_sha256: str = "", *, front: str = "") -> list[dict]:
+    """One attempt of the worker gate (invariant I7): every worker instance in ``names`` must
+    be seen on the front's broker (the front's /api/v1/workers) serving ``model_sha256``.
+
+    Not all seen yet (or the front/broker not answering): ``NotReady``. A named worker seen
+    with another model, or a front that cannot list its workers: ``HealthCheckFailed``.
+    Returns the entries of the named workers.
+    """
+    if not names:
+        return []
+    who = front or address
+    r = _get(f"{base_url(address, port)}/api/v1/workers", f"{who} /api/v1/workers")
+    if r.status_code == 404:
+        raise HealthCheckFailed(f"{who} cannot list its workers (/api/v1/workers 404): the "
+                                "image predates worker gating; rebake it")
+    if r.status_code != 200:
+        raise NotReady(f"{who} /api/v1/workers {r.status_code}: {r.text[:200].strip()}")
+    try:
+        entries = [e for e in r.json().get("workers") or [] if isinstance(e, dict)]
+    except (ValueError, AttributeError) as exc:
+        raise HealthCheckFailed(f"{who} /api/v1/workers is not a JSON object") from exc
+    seen, missing = [], []
+    for name in names:
+        mine = [e for e in entries if _same_instance(e, name)]
+        if not mine:
+            missing.append(name)
+            continue
+        wrong = [e for e in mine if e.get("model_sha256") != model_sha256]
+        if wrong:
+            raise HealthCheckFailed(
+                f"worker {name} serves model sha256 {str(wrong[0].get('model_sha256'))[:12]}… "
+                f"on {who}'s broker, the image says {model_sha256[:12]}…: refusing to switch")
+        seen += mine
+    if missing:
+        raise NotReady(f"workers not yet serving on {who}'s broker: {', '.join(missing)}")
+    return seen
 
 
 def fetch_version(address: str, port: int = APP_PORT) -> dict:

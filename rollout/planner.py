@@ -16,6 +16,11 @@ from rollout.clouds.base import RUNNING, Deployment, Instance, Release
 from rollout.errors import PlanError
 
 NAME_MAX = 63  # LXD instance names; also a valid hostname label
+#: The quality floor when neither the request (--min-accuracy) nor the image
+#: (modelserve_accuracy_floor) gives one: the committed bundle's ``accuracy_floor``
+#: (majority-class baseline of its held-out set + 0.05; tests check they agree).
+DEFAULT_ACCURACY_FLOOR = 0.7217
+BAKE_HINT = "bake one with `make image RELEASE=<id>` (packer/bake.py marks it provenance=release)"
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -25,11 +30,13 @@ class DeployRequest:
 
     env: str
     deploy_id: str
-    release: str | None = None  # None: the newest image
+    release: str | None = None  # None: the newest image baked from a real release
     workers: int = 0  # extra worker-only instances
     keep: int = 2  # releases kept warm in the env (live included), >= 2
-    force: bool = False  # skip the accuracy gate
+    force: bool = False  # override the quality floor and the accuracy gate (noted in the plan)
     accuracy_tolerance: float = 0.01
+    min_accuracy: float | None = None  # quality floor; None: the image's, else the default
+    reuse_warm: bool = True  # False: never reuse a warm set (after a reused set failed the gate)
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class CleanupRequest:
     images: bool = False  # also delete images beyond --keep (never one any instance uses)
     in_use_elsewhere: frozenset[str] = frozenset()  # releases used by instances of other envs
     active_deploy_id: str = ""  # a deploy that holds the lock: its instances are protected
+    dead_deploy_id: str = ""  # the deploy id of a lock just broken: that run's instances go
 
 
 # -- steps -------------------------------------------------------------------------------
@@ -121,9 +129,14 @@ class HealthGate(Step):
     front: str
     workers: tuple[str, ...]
     model_sha256: str
+    full: bool = True  # the full HEALTH_GATE budget (deploys, reused warm sets); False: rollback
+    reused: bool = False  # the set is a warm one being reused (on failure: replan, no reuse)
 
     def describe(self) -> str:
-        return f"health-gate {self.front} (readyz + prediction, model {self.model_sha256[:12]})"
+        what = "reused warm set, full gate" if self.reused else (
+            "full gate" if self.full else "quick gate")
+        return (f"health-gate {self.front} (readyz + identity + prediction + workers, model "
+                f"{self.model_sha256[:12]}; {what})")
 
 
 @dataclass(frozen=True)
@@ -210,16 +223,20 @@ def release_sets(observed: Deployment, release: str) -> dict[str, list[Instance]
     return sets
 
 
-def warm_set(observed: Deployment, release: str, workers: int | None = None
-             ) -> tuple[Instance, list[Instance]] | None:
+def warm_set(observed: Deployment, release: str, workers: int | None = None,
+             trusted: frozenset[str] | None = None) -> tuple[Instance, list[Instance]] | None:
     """The newest complete running set of ``release`` (front + workers), if any.
 
     The live front's set always wins for the live release. ``workers`` None accepts any
-    number of running workers; otherwise the count must match.
+    number of running workers; otherwise the count must match. ``trusted`` (deploy ids)
+    limits the candidates to sets of runs known to have finished (invariant I11: a dead
+    run's leftovers are never reused).
     """
     live = observed.live_instance
     candidates = []
     for deploy_id, insts in release_sets(observed, release).items():
+        if trusted is not None and deploy_id not in trusted:
+            continue
         fronts = [i for i in insts if i.role == "front"]
         wks = [i for i in insts if i.role == "worker"]
         if len(fronts) != 1 or fronts[0].status != RUNNING or not fronts[0].port:
@@ -237,17 +254,52 @@ def warm_set(observed: Deployment, release: str, workers: int | None = None
     return front, sorted(wks, key=lambda w: w.name)
 
 
-def _pick_release(observed: Deployment, wanted: str | None) -> Release:
-    if not observed.releases:
-        raise PlanError("no modelserve image exists: bake one with `make image RELEASE=<id>`")
+def _pick_release(observed: Deployment, wanted: str | None) -> tuple[Release, str | None]:
+    """The release to deploy and, when it was chosen by default, a note naming it (I5)."""
     if wanted is None:
-        return observed.releases[0]
+        baked = [r for r in observed.releases if r.is_baked_release]
+        if not baked:
+            others = ", ".join(f"{r.release} ({r.provenance or 'no provenance'})"
+                               for r in observed.releases[:3])
+            raise PlanError("no image baked from a real release exists"
+                            + (f" (only {others})" if others else "")
+                            + f": {BAKE_HINT}, or name one with --release")
+        rel = baked[0]  # releases are newest first
+        return rel, f"release {rel.release} (newest baked release, built {rel.built_at or '?'})"
+    if not observed.releases:
+        raise PlanError(f"no modelserve image exists: {BAKE_HINT}")
     rel = observed.release(wanted)
     if rel is None:
         have = ", ".join(r.release for r in observed.releases[:5])
         raise PlanError(f"no image for release {wanted!r} (newest: {have}); "
                         f"bake it with `make image RELEASE={wanted}`")
-    return rel
+    return rel, None
+
+
+def accuracy_floor(target: Release, req: DeployRequest) -> tuple[float, str]:
+    """The quality floor that applies to ``target`` and where it comes from."""
+    if req.min_accuracy is not None:
+        return req.min_accuracy, "--min-accuracy"
+    if target.accuracy_floor is not None:
+        return target.accuracy_floor, "the image's modelserve_accuracy_floor"
+    return DEFAULT_ACCURACY_FLOOR, "the default floor"
+
+
+def _quality_floor(target: Release, req: DeployRequest) -> str | None:
+    """Invariant I4: refuse a release below the absolute floor (or of unknown accuracy),
+    live release or not; ``force`` overrides. The returned note says which floor applied
+    and, when forced, that it was overridden."""
+    floor, source = accuracy_floor(target, req)
+    acc = target.model_accuracy
+    if acc is not None and acc >= floor:
+        return f"quality floor {floor:.4f} ({source}): {target.release} has {acc:.4f}"
+    why = (f"release {target.release} has no known held-out accuracy" if acc is None else
+           f"release {target.release} has held-out accuracy {acc:.4f}, below the quality floor "
+           f"{floor:.4f} ({source})")
+    if req.force:
+        return f"quality floor overridden (--force): {why}"
+    raise PlanError(f"{why}; deploy a better release, lower the floor with --min-accuracy, or "
+                    "deploy anyway with --force (recorded in history)")
 
 
 def _accuracy_gate(observed: Deployment, target: Release, req: DeployRequest) -> str | None:
@@ -288,37 +340,54 @@ def _retire(observed: Deployment, keep_first: list[str], keep: int) -> list[Step
 
 # -- the planners --------------------------------------------------------------------------
 def plan_deploy(observed: Deployment, req: DeployRequest) -> Plan:
-    """The steps that make ``req.release`` (default: newest image) live in ``req.env``."""
+    """The steps that make ``req.release`` (default: the newest baked release) live.
+
+    Invariants: I4 (quality floor, even with nothing live), I5 (the default is the newest
+    image with provenance ``release``, named in the notes), I1 (no instance of the live or
+    recorded previous release is deleted), I11 (only a warm set of a run known to have
+    finished is reused, under the full gate; a dead run's set of the target is replaced).
+    """
     if req.keep < 2:
         raise PlanError("--keep must be at least 2 (the live release and the rollback target)")
     if req.workers < 0:
         raise PlanError("--workers must be >= 0")
-    target = _pick_release(observed, req.release)
+    if req.min_accuracy is not None and not 0.0 <= req.min_accuracy <= 1.0:
+        raise PlanError("--min-accuracy must be between 0 and 1")
+    target, picked = _pick_release(observed, req.release)
     live = observed.live
-    notes: list[str] = []
+    notes: list[str] = [picked] if picked else []
     steps: list[Step] = []
     if observed.fip is None:
         steps.append(CreateFloatingIP(req.env))
     if live == target.release:
-        return Plan("deploy", target.release, tuple(steps),
-                    (f"release {target.release} is already live in {req.env}: nothing to do",))
-    note = _accuracy_gate(observed, target, req)
-    if note:
-        notes.append(note)
+        return Plan("deploy", target.release, tuple(steps), tuple(notes + [
+            f"release {target.release} is already live in {req.env}: nothing to do"]))
+    for note in (_quality_floor(target, req), _accuracy_gate(observed, target, req)):
+        if note:
+            notes.append(note)
 
-    warm = warm_set(observed, target.release, req.workers)
+    spared = observed.spared()
+    warm = None
+    if req.reuse_warm:
+        warm = warm_set(observed, target.release, req.workers, observed.known_deploy_ids)
     if warm:
         front, workers = warm
         front_name, worker_names = front.name, tuple(w.name for w in workers)
-        notes.append(f"reusing the warm instances of {target.release} (deploy {front.deploy_id})")
+        notes.append(f"reusing the warm instances of {target.release} (deploy {front.deploy_id}),"
+                     " gated with the full health-gate budget")
         stale = [i.name for i in observed.instances_of(target.release)
                  if i.deploy_id != front.deploy_id]
-        if stale:
-            steps.append(DeleteInstances(tuple(sorted(stale)), "incomplete or stale set"))
     else:
         stale = [i.name for i in observed.instances_of(target.release)]
-        if stale:
-            steps.append(DeleteInstances(tuple(sorted(stale)), "incomplete or stale set"))
+    kept = sorted(n for n in stale if n in spared)
+    stale = sorted(n for n in stale if n not in spared)
+    if kept:
+        notes.append(f"keeping {', '.join(kept)}: instances of the rollback target are never "
+                     "deleted by a deploy (cleanup removes them once they are neither live nor "
+                     "previous)")
+    if stale:
+        steps.append(DeleteInstances(tuple(stale), "incomplete or stale set"))
+    if not warm:
         live_inst = observed.live_instance
         colour = other_colour(live_inst.colour if live_inst else None)
         front_name = instance_name(req.env, target.release, "front", 0, req.deploy_id)
@@ -328,7 +397,8 @@ def plan_deploy(observed: Deployment, req: DeployRequest) -> Plan:
                                  "0.0.0.0" if req.workers else "127.0.0.1"))
         if worker_names:
             steps.append(LaunchWorkers(worker_names, target.release, colour, front_name))
-    steps.append(HealthGate(target.release, front_name, worker_names, target.model_sha256))
+    steps.append(HealthGate(target.release, front_name, worker_names, target.model_sha256,
+                            full=True, reused=bool(warm)))
     previous = live or (observed.previous if observed.previous != target.release else None)
     steps.append(Switch(target.release, front_name, live, previous))
     steps.append(Verify(target.release))
@@ -346,19 +416,20 @@ def plan_rollback(observed: Deployment, req: RollbackRequest) -> Plan:
         raise PlanError(f"env {req.env} has no previous release to roll back to")
     if target == live:
         raise PlanError(f"release {target} is already live in {req.env}")
-    warm = warm_set(observed, target)
+    warm = (warm_set(observed, target, trusted=observed.known_deploy_ids)
+            or warm_set(observed, target))
     if warm is None:
         raise PlanError(
             f"release {target} has no healthy running instances in {req.env} to roll back to "
-            f"(retired or deleted); redeploy it: python -m rollout deploy --env {req.env} "
-            f"--release {target}")
+            f"(retired, stopped or deleted); redeploy it: python -m rollout deploy --env "
+            f"{req.env} --release {target}")
     front, workers = warm
     sha = front.model_sha256
     rel = observed.release(target)
     if rel is not None:
         sha = rel.model_sha256
     steps: list[Step] = [
-        HealthGate(target, front.name, tuple(w.name for w in workers), sha),
+        HealthGate(target, front.name, tuple(w.name for w in workers), sha, full=False),
         Switch(target, front.name, live, live),
         Verify(target),
     ]
@@ -368,20 +439,33 @@ def plan_rollback(observed: Deployment, req: RollbackRequest) -> Plan:
 def plan_cleanup(observed: Deployment, req: CleanupRequest) -> Plan:
     """Delete leftovers of failed/interrupted runs and releases beyond ``--keep``.
 
-    Never touches the live set, the rollback target's set, or the instances of a deploy that
-    holds the lock (unless the lock was broken: then ``active_deploy_id`` is empty).
+    Invariant I1: never deletes an instance of the live release or of the recorded previous
+    release, whatever its status (a dead run's own instances, ``dead_deploy_id``, excepted
+    unless they are the live set). A floating IP whose target is no visible instance makes
+    it refuse: what is live cannot be known. Also spares the instances of a deploy that holds
+    the lock (``active_deploy_id``; empty when the lock was broken). A complete running set
+    of another release is kept warm only if its run is known to have finished (I11).
     """
     if req.keep < 2:
         raise PlanError("--keep must be at least 2 (the live release and the rollback target)")
+    if observed.target_missing:
+        fip = observed.fip
+        raise PlanError(
+            f"the floating IP of env {req.env} points at {fip.target if fip else '?'}, which "
+            "is no visible instance, so what is live cannot be known: cleanup refuses to "
+            f"delete anything; redeploy (python -m rollout deploy --env {req.env} --release R) "
+            "or check the instances with `python -m rollout status`")
     live_inst = observed.live_instance
     live = observed.live
     previous = observed.previous if observed.previous != live else None
-    protected: set[str] = set()  # instance names
+    protected: set[str] = set(observed.spared(req.dead_deploy_id))  # instance names
+    trusted = observed.known_deploy_ids - ({req.dead_deploy_id} - (
+        {live_inst.deploy_id} if live_inst else set()))
     keep_sets: dict[str, str] = {}  # release -> deploy id of its canonical set
     if live_inst:
         keep_sets[live_inst.release] = live_inst.deploy_id
     for rel in {i.release for i in observed.instances} - set(keep_sets):
-        warm = warm_set(observed, rel)
+        warm = warm_set(observed, rel, trusted=trusted)
         if warm:
             keep_sets[rel] = warm[0].deploy_id
     for inst in observed.instances:
@@ -392,13 +476,20 @@ def plan_cleanup(observed: Deployment, req: CleanupRequest) -> Plan:
     steps: list[Step] = []
     orphans = sorted(i.name for i in observed.instances if i.name not in protected)
     if orphans:
-        steps.append(DeleteInstances(tuple(orphans), "left by a failed or interrupted run"))
+        dead = {i.name for i in observed.instances
+                if req.dead_deploy_id and i.deploy_id == req.dead_deploy_id} & set(orphans)
+        reason = ("left by a failed or interrupted run" if not dead else
+                  f"left by the dead run {req.dead_deploy_id}" if len(dead) == len(orphans) else
+                  f"left by the dead run {req.dead_deploy_id} and other failed or interrupted "
+                  "runs")
+        steps.append(DeleteInstances(tuple(orphans), reason))
     # releases beyond keep (only complete sets remain at this point)
     remaining = Deployment(observed.env, observed.fip, observed.releases,
                            tuple(i for i in observed.instances if i.name in protected
                                  and not (req.active_deploy_id
                                           and i.deploy_id == req.active_deploy_id)))
-    steps += _retire(remaining, [live or "", previous or ""], req.keep)
+    steps += _retire(remaining, [live or "", previous or "",
+                                 (observed.fip.state.live if observed.fip else "")], req.keep)
     if req.images:
         used = {i.release for i in observed.instances} | set(req.in_use_elsewhere)
         used |= {r for r in (live, previous) if r}
@@ -410,3 +501,23 @@ def plan_cleanup(observed: Deployment, req: CleanupRequest) -> Plan:
                 continue
             steps.append(DeleteImage(rel.release, rel.name))
     return Plan("cleanup", None, tuple(steps))
+
+
+def check_spared(observed: Deployment, plan: Plan, dead_deploy_id: str = "") -> None:
+    """Raise PlanError if ``plan`` would delete an instance I1 spares (a last guard the
+    executor can run before applying any plan; every planner here already obeys it).
+    Retire steps of a deploy run after its switch and are checked against the release it
+    makes previous, not the one recorded now."""
+    spared = observed.spared(dead_deploy_id)
+    after_switch = False
+    for step in plan.steps:
+        if isinstance(step, Switch):
+            after_switch = True
+            spared = frozenset(i.name for i in observed.instances
+                               if i.release in (step.release, step.previous))
+        names = step.instances if isinstance(step, DeleteInstances | Retire) else ()
+        bad = sorted(set(names) & spared)
+        if bad:
+            when = "after the switch" if after_switch else "now"
+            raise PlanError(f"refusing a plan that deletes {', '.join(bad)}: live or previous "
+                            f"release {when} (invariant I1); this is a bug, please report it")

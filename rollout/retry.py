@@ -22,7 +22,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from rollout.errors import TransientCloudError, WaitTimeout
+from rollout.errors import CloudUnavailable, RolloutError, TransientCloudError, WaitTimeout
 
 log = logging.getLogger("rollout.retry")
 T = TypeVar("T")
@@ -53,6 +53,7 @@ class Policy:
     wait_max: float
     retry_on: tuple[type[BaseException], ...]
     multiplier: float = 1.0
+    give_up: type[RolloutError] = WaitTimeout  # raised when the budget is spent
 
     def with_budget(self, budget: float) -> Policy:
         """The same policy with another time budget (e.g. ``--timeout``)."""
@@ -66,7 +67,8 @@ class Policy:
         what: str = "",
     ) -> T:
         """Call ``fn`` until it returns, retrying ``retry_on``; on giving up raise
-        ``WaitTimeout`` naming the policy and the last error (non-retried errors propagate)."""
+        ``self.give_up`` (``WaitTimeout`` for waits, ``CloudUnavailable`` for cloud calls)
+        naming the policy and the last error (non-retried errors propagate)."""
         retrying = tenacity.Retrying(
             sleep=sleep,
             stop=stop_after_delay(self.budget) | _stop_after_idle(self.budget),
@@ -80,14 +82,15 @@ class Policy:
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()
             label = f"{what}: " if what else ""
-            raise WaitTimeout(
+            raise self.give_up(
                 f"{label}gave up after {self.budget:g}s ({self.name}): {last}"
             ) from last
 
 
 # The policies, by name. Budgets are generous upper bounds; tests inject sleep.
+# one cloud API call (every call: rollout.bounded.BoundedCloud); giving up is a cloud error
 CLOUD_CALL = Policy("cloud-call", budget=60, wait_min=0.5, wait_max=5,
-                    retry_on=(TransientCloudError,))
+                    retry_on=(TransientCloudError,), give_up=CloudUnavailable)
 # boot and health waits poll cheap local calls: cap the back-off at 1 s so a deploy never
 # idles more than ~1 s past the moment its instance is ready
 INSTANCE_BOOT = Policy("instance-boot", budget=180, wait_min=0.2, wait_max=1,

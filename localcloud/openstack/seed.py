@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import openstack
+
 from localcloud.openstack import config
 from localcloud.openstack.config import HOST
 

@@ -1,4 +1,11 @@
-"""Cloud implementations behind one protocol (see base.py); ``open_cloud`` picks one."""
+"""Cloud implementations behind one protocol (see base.py); ``open_cloud`` picks one.
+
+Configuration (environment): ``OS_CLOUD`` / ``OS_AUTH_URL`` select OpenStack, else LXD. On
+LXD, ``MODELSERVE_LXD_PROJECT`` (default ``default``) is the LXD project of every image,
+profile and instance (localcloud/lxd/project.py sets one up: ``python3 -m
+localcloud.lxd.project ensure NAME``); ``MODELSERVE_LXD_BRIDGE`` (msbr0) the bridge of the
+floating IPs; ``MODELSERVE_LXD_OP_TIMEOUT`` the bound of one LXD operation (600 s).
+"""
 
 from __future__ import annotations
 

@@ -44,9 +44,11 @@ Where the state lives (no local state file; any operator on any machine sees the
   OpenStack as floating-IP tags ``h:<encoded event>`` (oldest dropped beyond the limit).
 
 The lock: ``FipState.lock`` is taken by a CAS update of the floating IP (lock empty -> ours)
-before a deploy/rollback observes the world, and released by a CAS update at the end.
-A second deploy sees it set and fails fast with ``DeployLocked`` (holder, since, deploy id).
-Breaking a stale lock is explicit (``cleanup --break-lock``).
+before a deploy/rollback observes the world, renewed (its lease, ``Lock.expires``) before
+every step, and released by a CAS update at the end (``rollout/lock.py``). A second deploy
+sees it set and fails fast with ``DeployLocked`` (holder, since, deploy id), unless the
+holder is provably dead (same host, pid gone) or its lease expired; otherwise breaking it is
+explicit (``cleanup --break-lock``). Encoded ``holder|since|deploy_id|expires``.
 LXD note: LXD 5.0 ignores If-Match on network forwards, so lxd.py makes the compare-and-swap
 real with a short-lived mutex (creating a profile is atomic: a second create gets 409).
 """
@@ -74,6 +76,8 @@ RELEASE_PROPERTIES = (
 )
 HISTORY_KEEP = 20
 APP_PORT = 8080
+#: ``modelserve_provenance`` of an image baked from a real release (stand-ins say "standin").
+PROVENANCE_RELEASE = "release"
 
 # Instance status, normalised by every implementation.
 RUNNING = "RUNNING"  # booted and has an address (LXD Running + IPv4; Nova ACTIVE)
@@ -94,6 +98,36 @@ class Release:
     git_sha: str = ""
     app_version: str = ""
     built_at: str = ""  # ISO-8601 UTC; newest-first ordering uses it (then name)
+    provenance: str = ""  # modelserve_provenance: "release" (packer/bake.py) | "standin" | ""
+    accuracy_floor: float | None = None  # modelserve_accuracy_floor: the bundle's quality floor
+
+    @property
+    def is_baked_release(self) -> bool:
+        """True for an image packer/bake.py baked from a real release (never a stand-in)."""
+        return self.provenance == PROVENANCE_RELEASE
+
+    @classmethod
+    def from_properties(cls, id: str, name: str, props: Mapping[str, object],
+                        created_at: str = "") -> Release | None:
+        """A Release from image properties (``modelserve_`` prefix), or None when the image
+        carries no ``modelserve_release``. Numbers that do not parse become None."""
+        def val(key: str) -> str:
+            v = props.get(f"modelserve_{key}")
+            return "" if v is None else str(v)
+
+        def num(key: str) -> float | None:
+            try:
+                return float(val(key)) if val(key) else None
+            except ValueError:
+                return None
+
+        if not val("release"):
+            return None
+        return cls(id=id, name=name or f"modelserve-{val('release')}", release=val("release"),
+                   model_sha256=val("model_sha256"), model_accuracy=num("model_accuracy"),
+                   git_sha=val("git_sha"), app_version=val("app_version"),
+                   built_at=val("built_at") or created_at, provenance=val("provenance"),
+                   accuracy_floor=num("accuracy_floor"))
 
 
 @dataclass(frozen=True)
@@ -117,11 +151,36 @@ class Instance:
 
 @dataclass(frozen=True)
 class Lock:
-    """Who holds an environment's deploy lock."""
+    """Who holds an environment's deploy lock, and until when (a lease the run renews)."""
 
     holder: str  # user@host:pid
     since: str  # ISO-8601 UTC
     deploy_id: str
+    expires: str = ""  # ISO-8601 UTC end of the lease ("" for locks written before leases)
+
+    @property
+    def host(self) -> str:
+        """The host part of ``holder`` ("" if it does not parse)."""
+        return self.holder.rpartition("@")[2].rpartition(":")[0]
+
+    @property
+    def pid(self) -> int | None:
+        """The pid part of ``holder`` (None if it does not parse)."""
+        tail = self.holder.rpartition(":")[2]
+        return int(tail) if tail.isdigit() else None
+
+    def encode(self) -> str:
+        """``holder|since|deploy_id|expires`` (the trailing field only when set)."""
+        parts = [self.holder, self.since, self.deploy_id]
+        if self.expires:
+            parts.append(self.expires)
+        return "|".join(parts)
+
+    @classmethod
+    def decode(cls, text: str) -> Lock:
+        """Inverse of ``encode``; accepts the 3-field form written before leases."""
+        holder, since, deploy_id, expires = (str(text).split("|") + ["", "", "", ""])[:4]
+        return cls(holder, since, deploy_id, expires)
 
 
 @dataclass(frozen=True)
@@ -140,7 +199,7 @@ class FipState:
         if self.previous:
             d["p"] = self.previous
         if self.lock:
-            d["k"] = f"{self.lock.holder}|{self.lock.since}|{self.lock.deploy_id}"
+            d["k"] = self.lock.encode()
         return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -154,8 +213,7 @@ class FipState:
             return cls()
         lock = None
         if d.get("k"):
-            holder, since, deploy_id = (str(d["k"]).split("|") + ["", "", ""])[:3]
-            lock = Lock(holder, since, deploy_id)
+            lock = Lock.decode(str(d["k"]))
         return cls(live=str(d.get("l", "")), previous=str(d.get("p", "")), lock=lock)
 
 
@@ -215,10 +273,42 @@ class Deployment:
 
     @property
     def live_instance(self) -> Instance | None:
-        """The front the floating IP points at, if any."""
+        """The front the floating IP points at, if any, whatever its status (a stopped live
+        front is still the live front). The target is an identity (``Instance.port``: the
+        instance name on LXD, the port id on OpenStack); an instance whose port is not known
+        right now (stopped) is matched by its name or id, never by an address."""
         if not self.fip or not self.fip.target:
             return None
-        return next((i for i in self.instances if i.port == self.fip.target), None)
+        target = self.fip.target
+        return (next((i for i in self.instances if i.port and i.port == target), None)
+                or next((i for i in self.instances if target in (i.name, i.id)), None))
+
+    @property
+    def target_missing(self) -> bool:
+        """The floating IP names a target that is no visible instance of this env."""
+        return bool(self.fip and self.fip.target) and self.live_instance is None
+
+    @property
+    def live_condition(self) -> str:
+        """For status views: "" (nothing live), "running", "stopped", "building", "error",
+        or "missing" (the floating IP's target is no visible instance). Never hides a
+        stopped live release as "no live release"."""
+        if self.target_missing:
+            return "missing"
+        inst = self.live_instance
+        return inst.status.lower() if inst else ""
+
+    def describe_live(self) -> str:
+        """One phrase for status views: "r2 (live)", "r2 (live, stopped)", "-", or what the
+        floating IP points at when that is no visible instance."""
+        cond = self.live_condition
+        if cond == "missing":
+            state = self.fip.state.live if self.fip else ""
+            return (f"{state or '?'} (floating IP target {self.fip.target if self.fip else '?'} "
+                    "is no visible instance)")
+        if not cond:
+            return "-"
+        return f"{self.live} (live)" if cond == "running" else f"{self.live} (live, {cond})"
 
     @property
     def live(self) -> str | None:
@@ -230,6 +320,43 @@ class Deployment:
     def previous(self) -> str | None:
         """The rollback target recorded on the floating IP."""
         return (self.fip.state.previous or None) if self.fip else None
+
+    @property
+    def known_deploy_ids(self) -> frozenset[str]:
+        """Deploy ids of runs known to have finished a switch: the live front's and every
+        one recorded in history, plus the previous release's when it has exactly one set.
+        A set whose deploy id is not among them is a dead (or running) run's leftovers."""
+        ids = {e.deploy_id for e in (self.fip.history if self.fip else ()) if e.deploy_id}
+        inst = self.live_instance
+        if inst:
+            ids.add(inst.deploy_id)
+        if self.previous:
+            prev_ids = {i.deploy_id for i in self.instances_of(self.previous)}
+            if len(prev_ids) == 1:
+                ids |= prev_ids
+        return frozenset(ids)
+
+    def spared(self, dead_deploy_id: str = "") -> frozenset[str]:
+        """Names of the instances no cleanup/destroy-like step may delete (invariant I1):
+        every instance of the live release and of the recorded previous release, whatever its
+        status. The one exception is a dead run's own instances (``dead_deploy_id``, the deploy
+        id of a lock that was broken) that are not the live front's set."""
+        releases = {r for r in (self.live, self.previous) if r}
+        if self.fip and self.fip.state.live:
+            releases.add(self.fip.state.live)
+        inst = self.live_instance
+        live_set = (inst.release, inst.deploy_id) if inst else None
+        out = set()
+        for i in self.instances:
+            if i.release not in releases:
+                continue
+            if dead_deploy_id and i.deploy_id == dead_deploy_id \
+                    and (i.release, i.deploy_id) != live_set:
+                continue
+            out.add(i.name)
+        if inst:
+            out.add(inst.name)
+        return frozenset(out)
 
     def release(self, name: str) -> Release | None:
         """The image for a release name, if it exists."""

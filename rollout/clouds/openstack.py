@@ -36,7 +36,6 @@ from rollout.clouds.base import (
     ERROR,
     HISTORY_KEEP,
     INSTANCE_LABELS,
-    RELEASE_PROPERTIES,
     RUNNING,
     STOPPED,
     CloudBase,
@@ -48,7 +47,7 @@ from rollout.clouds.base import (
     Release,
     by_newest,
 )
-from rollout.errors import CloudError, Conflict, NotFound, TransientCloudError
+from rollout.errors import AuthError, CloudError, Conflict, NotFound, TransientCloudError
 
 TAG = "modelserve"
 META = "modelserve_"
@@ -86,13 +85,20 @@ class OpenStackCloud(CloudBase):
     # -- error translation ---------------------------------------------------------------
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        """Translate SDK errors to rollout's (invariant I10): 401/403 and keystone auth
+        failures are ``AuthError`` (permanent: a retried wrong password counts towards a
+        lockout); 5xx, 408/409/429 and connection errors are transient; the rest permanent."""
         try:
             yield
+        except (ks_exc.Unauthorized, ks_exc.http.Forbidden, ks_exc.AuthorizationFailure) as exc:
+            raise AuthError(_auth_text(what, exc)) from exc
         except os_exc.NotFoundException as exc:
             raise NotFound(f"{what}: not found ({_short(exc)})") from exc
         except os_exc.HttpException as exc:
             code = exc.status_code or 0
             text = _short(exc)
+            if code in (401, 403):
+                raise AuthError(_auth_text(what, exc, code)) from exc
             if code == 412:
                 raise Conflict(f"{what}: changed concurrently (HTTP 412, revision mismatch); "
                                "observe again and retry") from exc
@@ -102,9 +108,16 @@ class OpenStackCloud(CloudBase):
             if code >= 500 or code in (408, 409, 429):
                 raise TransientCloudError(f"{what}: HTTP {code}: {text}") from exc
             raise CloudError(f"{what}: HTTP {code}: {text}") from exc
-        except (ks_exc.ConnectionError, ks_exc.http.HttpError) as exc:
+        except ks_exc.ConnectionError as exc:
             raise TransientCloudError(f"{what}: cannot reach the service ({_short(exc)})"
                                       ) from exc
+        except ks_exc.http.HttpError as exc:
+            code = getattr(exc, "http_status", None) or 0
+            if code in (401, 403):
+                raise AuthError(_auth_text(what, exc, code)) from exc
+            if code >= 500 or code in (408, 409, 429):
+                raise TransientCloudError(f"{what}: HTTP {code}: {_short(exc)}") from exc
+            raise CloudError(f"{what}: HTTP {code}: {_short(exc)}") from exc
         except ks_exc.EndpointNotFound as exc:
             raise CloudError(f"{what}: no such service in the catalog ({exc})") from exc
         except ks_exc.ClientException as exc:
@@ -154,19 +167,9 @@ class OpenStackCloud(CloudBase):
 
     # -- releases ------------------------------------------------------------------------
     def _to_release(self, image) -> Release | None:
-        props = dict(image.properties or {})
-        if not props.get(META + "release"):
-            return None
-        vals = {k: str(props.get(META + k, "") or "") for k in RELEASE_PROPERTIES}
-        try:
-            acc = float(vals["model_accuracy"]) if vals["model_accuracy"] else None
-        except ValueError:
-            acc = None
-        return Release(
-            id=image.id, name=image.name or f"modelserve-{vals['release']}",
-            release=vals["release"], model_sha256=vals["model_sha256"], model_accuracy=acc,
-            git_sha=vals["git_sha"], app_version=vals["app_version"],
-            built_at=vals["built_at"] or image.created_at or "")
+        # provenance and accuracy_floor too (I4/I5); Release.from_properties parses them all
+        return Release.from_properties(image.id, image.name or "", dict(image.properties or {}),
+                                       created_at=image.created_at or "")
 
     def list_releases(self) -> list[Release]:
         """Every active Glance image carrying modelserve_release, newest first."""
@@ -369,6 +372,13 @@ class OpenStackCloud(CloudBase):
         """Release the floating IP."""
         with self._errors(f"releasing floating IP {fip.address}"):
             self.conn.network.delete_ip(fip.id, ignore_missing=ignore_missing)
+
+
+def _auth_text(what: str, exc: BaseException, code: int | None = None) -> str:
+    code = code or getattr(exc, "http_status", None) or getattr(exc, "status_code", None)
+    kind = "authorisation" if code == 403 else "authentication"
+    return (f"{what}: {kind} failed" + (f" (HTTP {code})" if code else "") + f": {_short(exc)}; "
+            "check the credentials of OS_CLOUD (clouds.yaml / OS_* variables); not retried")
 
 
 def _short(exc: BaseException) -> str:

@@ -3,11 +3,14 @@
 Used only where a *broken* or throw-away release is the point of a test (a release whose
 /readyz fails, a release with a worse model) and while developing without the real image.
 Images get the same properties as a real bake: modelserve_release, _model_sha256, ...
+plus ``modelserve_provenance=standin`` (never picked as a default release) and
+``modelserve_accuracy_floor``. Built in the test project (``lxc`` with lxdenv's LXD_CONF).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +20,9 @@ BASE = "modelserve-base-debian12"
 
 
 def lxc(*args: str, check: bool = True, input: str | None = None) -> str:
+    """``lxc`` in the test project (LXD_CONF set by lxdenv.open_lxd; refused without it)."""
+    if "LXD_CONF" not in os.environ:
+        raise RuntimeError("stand-ins are built in the test project: call lxdenv.open_lxd first")
     res = subprocess.run(["lxc", *args], capture_output=True, text=True, input=input,
                          check=False, timeout=600)
     if check and res.returncode:
@@ -34,13 +40,13 @@ def standin_sha(release: str) -> str:
 
 def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = False,
                   base: str = BASE, built_at: str | None = None,
-                  claimed_sha: str | None = None) -> str:
+                  claimed_sha: str | None = None, accuracy_floor: float = 0.5) -> str:
     """Publish ``modelserve-<release>`` from the base image with the stand-in app.
 
     ``claimed_sha``: the image property says this model sha256, the app serves another one.
     """
     alias = f"modelserve-{release}"
-    spec = hashlib.sha256(repr((accuracy, fail_readyz, claimed_sha,
+    spec = hashlib.sha256(repr((accuracy, fail_readyz, claimed_sha, accuracy_floor, "standin",
                                 (HERE / "server.py").read_bytes())).encode()).hexdigest()[:16]
     if image_exists(alias):
         have = lxc("image", "get-property", alias, "standin_spec", check=False).strip()
@@ -67,6 +73,7 @@ def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = F
             f"modelserve_release={release}",
             f"modelserve_model_sha256={claimed_sha or standin_sha(release)}",
             f"modelserve_model_accuracy={accuracy}",
+            "modelserve_provenance=standin", f"modelserve_accuracy_floor={accuracy_floor}",
             "modelserve_git_sha=standin", "modelserve_app_version=standin",
             f"modelserve_built_at={stamp}",
             f"standin_spec={spec}", f"description=modelserve stand-in {release}")

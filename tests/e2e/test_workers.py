@@ -10,10 +10,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import images_mode
-from test_blue_green import instance_env
 
 from rollout.health import fetch_version
+from tests.e2e.lxdenv import images_mode
+from tests.e2e.test_blue_green import instance_env
 
 pytestmark = pytest.mark.e2e
 

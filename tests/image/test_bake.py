@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, bake, seed, sh, test_release_id
+from tests.image.imgenv import ROOT, bake, project, seed, sh, test_release_id
 
 pytestmark = pytest.mark.image
 META = json.loads((ROOT / "app" / "bundle" / "metadata.json").read_text())
@@ -63,7 +63,8 @@ def boot(launch, image: str, user_data: str):
 
 
 def test_image_carries_its_provenance(baked):
-    info = json.loads(sh("lxc", "query", f"/1.0/images/{baked['fingerprint']}").stdout)
+    info = json.loads(sh("lxc", "query", f"/1.0/images/{baked['fingerprint']}"
+                         f"?project={project()}").stdout)
     props = info["properties"]
     assert {a["name"] for a in info["aliases"]} == {f"modelserve-{baked['release']}"}
     assert props["modelserve_release"] == baked["release"]
@@ -73,6 +74,17 @@ def test_image_carries_its_provenance(baked):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", props["modelserve_built_at"])
     assert all(props.get(k) for k in PROVENANCE_KEYS)
     assert props["os"] and props["description"]
+
+
+def test_bake_goes_to_the_test_project_only(baked):
+    """The bake (packer's `lxc` included) works in MODELSERVE_LXD_PROJECT, never in default."""
+    alias = f"modelserve-{baked['release']}"
+    here = sh("lxc", "query", f"/1.0/images/aliases/{alias}?project={project()}", check=False)
+    there = sh("lxc", "query", f"/1.0/images/aliases/{alias}?project=default", check=False)
+    assert here.returncode == 0 and json.loads(here.stdout)["target"] == baked["fingerprint"]
+    assert there.returncode != 0, there.stdout
+    assert sh("lxc", "query", f"/1.0/profiles/modelserve-bake?project={project()}",
+              check=False).returncode == 0
 
 
 def test_front_boots_serving_the_bundle(baked, launch):
@@ -156,7 +168,8 @@ def test_image_hygiene(baked, local_cloud, request):
     name = f"ms-imgscan-{baked['fingerprint'][:8]}"
     sh("lxc", "init", baked["image"], name)
     request.addfinalizer(lambda: sh("lxc", "delete", "--force", name, check=False))
-    pool = json.loads(sh("lxc", "query", f"/1.0/instances/{name}").stdout)["expanded_devices"]
+    pool = json.loads(sh("lxc", "query", f"/1.0/instances/{name}?project={project()}"
+                         ).stdout)["expanded_devices"]
     pool_name = pool["root"]["pool"]
     lxd_dir = os.environ.get("LXD_DIR", "/var/lib/lxd")
     rootfs = Path(f"{lxd_dir}/storage-pools/{pool_name}/containers/{name}/rootfs")

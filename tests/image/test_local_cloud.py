@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from tests.image.imgenv import ROOT
 
 pytestmark = pytest.mark.image
 PRIVATE = Path("/var/lib/lxd-mstest")
-ENV = {**os.environ, "LXD_DIR": str(PRIVATE), "MODELSERVE_LXD_BRIDGE": "msbrt0",
+# a private daemon: its default project is the suite's own (no LXD_CONF, no project)
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("LXD_CONF", "MODELSERVE_LXD_PROJECT")},
+       "LXD_DIR": str(PRIVATE), "MODELSERVE_LXD_BRIDGE": "msbrt0",
        "MODELSERVE_LXD_SUBNET": "10.87.43.1/24"}
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from rollout.clouds.openstack import OpenStackCloud, env_tag
 from localcloud.openstack import config, seed
 from localcloud.openstack.harness import Harness, HarnessError
+from rollout.clouds.openstack import OpenStackCloud, env_tag
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -82,6 +82,8 @@ def releases(conn, bundle_meta):
             "modelserve_model_accuracy": str(bundle_meta["metrics"]["accuracy"]),
             "modelserve_built_at": f"2026-01-0{n + 1}T00:00:00Z",
             "modelserve_git_sha": "0" * 12, "modelserve_app_version": "test",
+            "modelserve_provenance": "release",
+            "modelserve_accuracy_floor": str(bundle_meta["accuracy_floor"]),
         })
         made.append((rel, img.id))
     yield [r for r, _ in made]

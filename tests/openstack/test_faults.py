@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from localcloud.openstack import seed
 from rollout.cli import run
 from rollout.clouds.base import FipState
 from rollout.clouds.openstack import OpenStackCloud
@@ -22,7 +23,6 @@ from tests.openstack.conftest import (
     rollout,
     servers_of,
 )
-from localcloud.openstack import seed
 
 pytestmark = pytest.mark.openstack
 

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import yaml
 
-from tests.openstack.conftest import ROOT
 from localcloud.openstack import config
+from tests.openstack.conftest import ROOT
 
 pytestmark = pytest.mark.openstack
 

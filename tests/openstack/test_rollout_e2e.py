@@ -118,19 +118,25 @@ def test_deploy_deploy_rollback_status_history_plan_cleanup(
     after = ({s.id for s in servers_of(conn, env_name)}, fip_of(conn, env_name).revision_number)
     assert before == after
 
-    # cleanup: a leftover of a dead run goes; the live release and the rollback target stay
-    release_a = cloud.find_release(a)
-    orphan = cloud.create_instance(InstanceSpec(
-        name=f"ms-{env_name}-{a}-front0-dead00", release=release_a,
-        labels={"env": env_name, "release": a, "colour": colour_b, "role": "front",
-                "deploy_id": "dead00", "created_at": "2026-01-01T00:00:00Z",
-                "model_sha256": release_a.model_sha256},
-        user_data="#cloud-config\n{}\n"))
-    cloud.wait_for_instance(orphan.id, timeout=120)
+    # cleanup: a leftover of a dead run goes; the live release and the rollback target stay,
+    # and so does anything of theirs (invariant I1: never an instance of live or previous)
+    def leftover(release_name, deploy_id):
+        rel = cloud.find_release(release_name)
+        inst = cloud.create_instance(InstanceSpec(
+            name=f"ms-{env_name}-{release_name}-front0-{deploy_id}", release=rel,
+            labels={"env": env_name, "release": release_name, "colour": colour_b,
+                    "role": "front", "deploy_id": deploy_id,
+                    "created_at": "2026-01-01T00:00:00Z", "model_sha256": rel.model_sha256},
+            user_data="#cloud-config\n{}\n"))
+        cloud.wait_for_instance(inst.id, timeout=120)
+        return inst
+
+    orphan = leftover(releases[2], "dead00")
+    of_previous = leftover(b, "dead01")  # b is the rollback target now
     ok(rollout(os_env, "cleanup", env_name=env_name))
     left = {s.id for s in servers_of(conn, env_name) if s.status != "DELETED"}
     assert orphan.id not in left
-    assert {sa.id, sb.id} <= left
+    assert {sa.id, sb.id, of_previous.id} <= left
     assert live_release(conn, env_name) == a
 
 

@@ -3,12 +3,21 @@
 Speaks the app contract's health/version/prediction routes from /etc/modelserve/instance.env
 (written by the NoCloud seed) and /opt/standin/model_sha256. ``/opt/standin/fail_readyz``
 present -> /readyz answers 503 (a broken release).
+
+Workers (``--workers``): a stand-in worker has no Celery; it announces itself (hostname, model
+sha256) to its front's stand-in every 2 s (the front's address from the seed's broker URL),
+and the front lists the announced workers on /api/v1/workers like the real app.
 """
 
 import json
 import os
+import socket
+import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def env():
@@ -21,6 +30,23 @@ def env():
 
 
 SHA = Path("/opt/standin/model_sha256").read_text().strip()
+WORKERS = {}  # instance -> (entry, last seen)
+
+
+def announce_forever():
+    """A worker: tell the front's stand-in we serve SHA (every 2 s)."""
+    while True:
+        try:
+            host = urlsplit(env().get("MODELSERVE_BROKER_URL", "")).hostname
+            if host:
+                body = json.dumps({"instance": socket.gethostname(), "model_sha256": SHA,
+                                   "node": f"celery@{socket.gethostname()}"}).encode()
+                req = urllib.request.Request(f"http://{host}:8080/_standin/register", body,
+                                             {"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=5).close()
+        except OSError:
+            pass
+        time.sleep(2)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,6 +70,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(503, {"status": "unavailable", "failing": "model"})
             else:
                 self._send(200, {"status": "ready"})
+        elif self.path == "/api/v1/workers":
+            now = time.monotonic()
+            live = [e for e, seen in WORKERS.values() if now - seen < 10]
+            self._send(200, {"workers": live})
         elif self.path == "/version":
             self._send(200, {"release": e.get("MODELSERVE_RELEASE"),
                              "colour": e.get("MODELSERVE_COLOUR"),
@@ -56,9 +86,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         n = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(n) or b"{}")
+        if self.path == "/_standin/register":
+            WORKERS[str(body.get("instance"))] = (body, time.monotonic())
+            self._send(200, {"ok": True})
+            return
         k = len(body.get("instances", []))
         self._send(200, {"predictions": [{"probability": 0.25, "label": 0}] * k,
                          "model": {"version": "standin", "sha256": SHA}})
 
 
+if env().get("MODELSERVE_ROLE") == "worker":
+    threading.Thread(target=announce_forever, daemon=True).start()
 ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()

@@ -4,6 +4,9 @@ Each instance gets its own 127.0.0.N address with a tiny app speaking the contra
 /readyz, /version and prediction routes (from the seed it was given); the floating IP is
 another loopback address whose server forwards each request to the current target's app.
 Faults: ``fail[method] = [exc, ...]`` raises those on the next calls of that method.
+Like Neutron, two ``create_floating_ip`` for one env both succeed (the second goes to
+``dup_fips``); ``find_floating_ip`` answers the first (lowest id), deterministically. State
+changes are atomic (one mutex), so threads can race the tool's compare-and-swap.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from rollout.clouds.base import (
 from rollout.errors import Conflict, NotFound
 from rollout.seed import parse_user_data
 
-_octets = itertools.count(10)
+_hosts = itertools.count(10)
+
+
+def _next_address() -> str:
+    """A fresh loopback address (127.0.0.10 onwards, across 127.0.0.0/8)."""
+    n = next(_hosts)
+    while n & 255 in (0, 255):
+        n = next(_hosts)
+    return f"127.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
 
 
 def free_port() -> int:
@@ -41,8 +52,10 @@ def free_port() -> int:
 class App:
     """The contract's routes for one fake instance."""
 
-    def __init__(self, env: dict[str, str], sha: str, ready: bool = True):
-        self.env, self.sha, self.ready = env, sha, ready
+    def __init__(self, env: dict[str, str], sha: str, ready: bool = True, workers=None,
+                 image: dict | None = None):
+        self.env, self.sha, self.ready, self.image = env, sha, ready, image
+        self.workers = workers or (lambda: [])
 
     def answer(self, method: str, path: str) -> tuple[int, dict]:
         if path == "/readyz":
@@ -51,7 +64,9 @@ class App:
             e = self.env
             return 200, {"release": e["MODELSERVE_RELEASE"], "colour": e["MODELSERVE_COLOUR"],
                          "role": e["MODELSERVE_ROLE"], "deploy_id": e["MODELSERVE_DEPLOY_ID"],
-                         "model_sha256": self.sha}
+                         "model_sha256": self.sha, "image": self.image}
+        if path == "/api/v1/workers":
+            return 200, {"workers": self.workers()}
         if method == "POST" and path == "/api/v1/predictions":
             return 200, {"predictions": [{"probability": 0.3, "label": 0}],
                          "model": {"version": "1", "sha256": self.sha}}
@@ -85,7 +100,8 @@ def serve(address: str, port: int, route) -> ThreadingHTTPServer:
 
     srv = ThreadingHTTPServer((address, port), Handler)
     srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
     return srv
 
 
@@ -101,6 +117,8 @@ class FakeCloud(CloudBase):
         self.apps: dict[str, App] = {}
         self.servers: dict[str, ThreadingHTTPServer] = {}
         self.fips: dict[str, FloatingIP] = {}
+        self.dup_fips: dict[str, FloatingIP] = {}  # id -> a second FIP of an env (a race)
+        self.mu = threading.RLock()
         self.fip_servers: dict[str, ThreadingHTTPServer] = {}
         self.fail: dict[str, list[BaseException]] = {}
         self.unready_releases: set[str] = set()
@@ -108,10 +126,12 @@ class FakeCloud(CloudBase):
         self.sleep = lambda s: None
 
     def _maybe_fail(self, method: str) -> None:
-        self.calls.append(method)
-        queue = self.fail.get(method)
-        if queue:
-            raise queue.pop(0)
+        with self.mu:
+            self.calls.append(method)
+            queue = self.fail.get(method)
+            exc = queue.pop(0) if queue else None
+        if exc is not None:
+            raise exc
 
     def close(self) -> None:
         for srv in list(self.servers.values()) + list(self.fip_servers.values()):
@@ -124,6 +144,7 @@ class FakeCloud(CloudBase):
         return list(self.releases)
 
     def find_release(self, release):
+        self._maybe_fail("find_release")
         return next((r for r in self.releases if r.release == release), None)
 
     def delete_release(self, release, *, ignore_missing=True):
@@ -136,6 +157,7 @@ class FakeCloud(CloudBase):
         return [i for i in self.instances.values() if env is None or i.env == env]
 
     def find_instance(self, instance_id):
+        self._maybe_fail("find_instance")
         return self.instances.get(instance_id)
 
     def get_instance(self, instance_id):
@@ -149,7 +171,7 @@ class FakeCloud(CloudBase):
         self._maybe_fail("create_instance")
         if spec.name in self.instances:
             raise Conflict(f"{spec.name} exists")
-        address = f"127.0.0.{next(_octets)}"
+        address = _next_address()
         inst = Instance(id=f"id-{spec.name}", name=spec.name, env=spec.labels["env"],
                         release=spec.labels["release"], colour=spec.labels["colour"],
                         role=spec.labels["role"], deploy_id=spec.labels["deploy_id"],
@@ -158,8 +180,20 @@ class FakeCloud(CloudBase):
                         model_sha256=spec.labels["model_sha256"])
         self.instances[inst.id] = inst
         env = parse_user_data(spec.user_data)
+        deploy_id = spec.labels["deploy_id"]
+
+        def workers() -> list[dict]:
+            return [{"node": f"modelserve-worker-1@{w.name}", "instance": w.name,
+                     "model_sha256": self.apps[w.id].sha}
+                    for w in list(self.instances.values())
+                    if w.role == "worker" and w.deploy_id == deploy_id and w.status == RUNNING
+                    and w.id in self.apps]
+
         app = App(env, spec.release.model_sha256,
-                  ready=spec.release.release not in self.unready_releases)
+                  ready=spec.release.release not in self.unready_releases, workers=workers,
+                  image={"release": spec.release.release, "git_sha": spec.release.git_sha,
+                         "model_sha256": spec.release.model_sha256,
+                         "provenance": spec.release.provenance})
         self.apps[inst.id] = app
         if inst.role == "front":
             self.servers[inst.id] = serve(address, self.port, app.answer)
@@ -181,13 +215,27 @@ class FakeCloud(CloudBase):
     # floating IP
     def find_floating_ip(self, env):
         self._maybe_fail("find_floating_ip")
-        return self.fips.get(env)
+        with self.mu:
+            return self.fips.get(env)
+
+    def floating_ips(self, env) -> list[FloatingIP]:
+        """Every floating IP of ``env`` (tests: there must be at most one)."""
+        with self.mu:
+            return ([self.fips[env]] if env in self.fips else []) + [
+                f for f in self.dup_fips.values() if f.env == env]
 
     def create_floating_ip(self, env, address=None):
         self._maybe_fail("create_floating_ip")
-        address = address or f"127.0.0.{next(_octets)}"
-        fip = FloatingIP(id=f"fip-{env}", address=address, env=env, target=None, revision="1")
-        self.fips[env] = fip
+        address = address or _next_address()
+        with self.mu:
+            if env in self.fips:  # a racing second allocation (Neutron allows it)
+                fip = FloatingIP(id=f"fip-{env}-{next(_hosts)}", address=address, env=env,
+                                 target=None, revision="1")
+                self.dup_fips[fip.id] = fip
+                return fip
+            fip = FloatingIP(id=f"fip-{env}", address=address, env=env, target=None,
+                             revision="1")
+            self.fips[env] = fip
 
         def route(method: str, path: str):
             cur = self.fips.get(env)
@@ -202,20 +250,37 @@ class FakeCloud(CloudBase):
 
     def update_floating_ip(self, fip, *, target, state: FipState, if_revision):
         self._maybe_fail("update_floating_ip")
-        cur = self.fips[fip.env]
-        if cur.revision != if_revision:
-            raise Conflict(f"revision {cur.revision} != {if_revision}")
-        new = replace(cur, target=target, state=state, revision=str(int(cur.revision) + 1))
-        self.fips[fip.env] = new
-        return new
+        with self.mu:
+            if fip.id in self.dup_fips:
+                cur, store = self.dup_fips[fip.id], self.dup_fips
+                key = fip.id
+            else:
+                cur = self.fips.get(fip.env)
+                if cur is None or cur.id != fip.id:
+                    raise NotFound(f"no floating IP {fip.id}")
+                store, key = self.fips, fip.env
+            if cur.revision != if_revision:
+                raise Conflict(f"revision {cur.revision} != {if_revision}")
+            new = replace(cur, target=target, state=state, revision=str(int(cur.revision) + 1))
+            store[key] = new
+            return new
 
     def record_event(self, fip, event: HistoryEvent):
-        cur = self.fips[fip.env]
-        self.fips[fip.env] = replace(cur, history=(cur.history + (event,))[-20:])
+        self._maybe_fail("record_event")
+        with self.mu:
+            cur = self.fips[fip.env]
+            self.fips[fip.env] = replace(cur, history=(cur.history + (event,))[-20:])
 
     def delete_floating_ip(self, fip, *, ignore_missing=True):
-        self.fips.pop(fip.env, None)
-        srv = self.fip_servers.pop(fip.env, None)
+        self._maybe_fail("delete_floating_ip")
+        with self.mu:
+            if self.dup_fips.pop(fip.id, None) is not None:
+                return
+            cur = self.fips.get(fip.env)
+            if cur is None or cur.id != fip.id:
+                return
+            self.fips.pop(fip.env, None)
+            srv = self.fip_servers.pop(fip.env, None)
         if srv:
             srv.shutdown()
             srv.server_close()

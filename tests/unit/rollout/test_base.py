@@ -19,13 +19,22 @@ from rollout.clouds.base import (
 ids = st.from_regex(r"[a-z0-9][a-z0-9.\-]{0,30}", fullmatch=True)
 
 
-@given(live=ids, previous=ids, holder=ids, deploy=ids)
-def test_fip_state_round_trips_and_fits_a_description(live, previous, holder, deploy):
+@given(live=ids, previous=ids, holder=ids, deploy=ids, leased=st.booleans())
+def test_fip_state_round_trips_and_fits_a_description(live, previous, holder, deploy, leased):
     state = FipState(live=live, previous=previous,
-                     lock=Lock(f"{holder}@host:123", "2026-11-26T06:00:00Z", deploy))
+                     lock=Lock(f"{holder}@host-{holder}:123", "2026-11-26T06:00:00Z", deploy,
+                               "2026-11-26T06:15:00Z" if leased else ""))
     text = state.encode()
     assert FipState.decode(text) == state
     assert len(text) < 255
+    assert state.lock.host == f"host-{holder}" and state.lock.pid == 123
+
+
+def test_a_lock_written_before_leases_still_decodes():
+    lk = FipState.decode('{"k":"u@h:7|2026-11-26T06:00:00Z|d1"}').lock
+    assert lk == Lock("u@h:7", "2026-11-26T06:00:00Z", "d1", "")
+    assert lk.host == "h" and lk.pid == 7
+    assert Lock("garbage", "", "").pid is None
 
 
 def test_fip_state_decodes_garbage_to_empty():

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from tests.unit.rollout.fakecloud import FakeCloud, free_port
 
 from rollout import executor
 from rollout.clouds.base import Lock, Release
@@ -23,6 +22,7 @@ from rollout.errors import (
     TransientCloudError,
 )
 from rollout.planner import DeployRequest, RollbackRequest, Step
+from tests.unit.rollout.fakecloud import FakeCloud, free_port
 
 ENV = "dev"
 
@@ -226,3 +226,177 @@ def test_destroy_removes_the_env_and_respects_a_lock(cloud):
             executor.destroy(ctx_for(cloud))
     res = executor.destroy(ctx_for(cloud))
     assert len(res["deleted"]) == 2 and cloud.instances == {} and ENV not in cloud.fips
+
+
+def test_every_cloud_method_is_bounded_by_a_retry_policy(cloud):
+    """Invariant I6: the context's cloud is a BoundedCloud with exactly the protocol's
+    methods, each retrying a transient error under a named policy."""
+    from rollout.bounded import BoundedCloud
+    from rollout.clouds.base import Cloud, HistoryEvent, InstanceSpec
+    from rollout.seed import Credentials, SeedParams, render_user_data
+
+    def public(cls):
+        return {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+    assert public(Cloud) == public(BoundedCloud) - {"unwraps"}
+    deploy(cloud, "a")
+    ctx = ctx_for(cloud)
+    bc = ctx.cloud
+    assert isinstance(bc, BoundedCloud)
+    inst = next(iter(cloud.instances.values()))
+    rel = cloud.releases[0]
+    spec = InstanceSpec("ms-dev-b-x", rel, {"env": ENV, "release": "b", "colour": "green",
+                                            "role": "worker", "deploy_id": "x",
+                                            "created_at": "", "model_sha256": "sha-b"},
+                        render_user_data(SeedParams(role="worker", colour="green", release="b",
+                                                    deploy_id="x", env=ENV,
+                                                    credentials=Credentials.generate())))
+    calls = {
+        "list_releases": lambda: bc.list_releases(),
+        "find_release": lambda: bc.find_release("a"),
+        "list_instances": lambda: bc.list_instances(ENV),
+        "find_instance": lambda: bc.find_instance(inst.id),
+        "get_instance": lambda: bc.wait_for_instance(inst.id, timeout=5),
+        "create_instance": lambda: bc.create_instance(spec),
+        "find_floating_ip": lambda: bc.find_floating_ip(ENV),
+        "update_floating_ip": lambda: bc.update_floating_ip(
+            cloud.fips[ENV], target=cloud.fips[ENV].target, state=cloud.fips[ENV].state,
+            if_revision=cloud.fips[ENV].revision),
+        "record_event": lambda: bc.record_event(cloud.fips[ENV], HistoryEvent("t", "deploy", "a")),
+        "create_floating_ip": lambda: bc.create_floating_ip("other"),
+        "delete_instance": lambda: bc.delete_instance("id-ms-dev-b-x"),
+        "delete_floating_ip": lambda: bc.delete_floating_ip(cloud.fips["other"]),
+        "delete_release": lambda: bc.delete_release(rel),
+    }
+    for method, call in calls.items():
+        cloud.fail[method] = [TransientCloudError("503")]
+        before = cloud.calls.count(method)
+        call()
+        assert cloud.calls.count(method) == before + 2 and not cloud.fail[method], method
+
+
+def test_a_signal_after_the_switch_before_verify_switches_back(cloud, monkeypatch):
+    from rollout import health
+    from rollout.errors import Cancelled
+
+    deploy(cloud, "a")
+    before, target = set(cloud.instances), cloud.fips[ENV].target
+
+    def fetch(address, port=8080):
+        raise Cancelled(15)  # SIGTERM lands while verifying through the floating IP
+    monkeypatch.setattr(health, "fetch_version", fetch)
+    with pytest.raises(Cancelled):
+        deploy(cloud, "b")
+    assert cloud.fips[ENV].target == target and live_release(cloud) == "a"
+    _assert_untouched(cloud, before)
+
+
+def test_undo_does_not_switch_back_over_a_lock_that_is_no_longer_ours(cloud, monkeypatch):
+    from rollout import health
+
+    deploy(cloud, "a")
+    other = Lock("x@elsewhere:1", "t", "thief1", "")
+
+    def fetch(address, port=8080):  # our lock is broken while we verify
+        fip = cloud.fips[ENV]
+        cloud.fips[ENV] = replace(fip, state=replace(fip.state, lock=other))
+        raise HealthCheckFailed("verify failed")
+    monkeypatch.setattr(health, "fetch_version", fetch)
+    with pytest.raises(HealthCheckFailed) as err:
+        deploy(cloud, "b")
+    assert live_release(cloud) == "b", "another run holds the env now: not ours to move"
+    assert cloud.fips[ENV].state.lock == other  # and b's front is kept: the FIP points at it
+    assert any("not switching the floating IP back" in n for n in err.value.__notes__)
+
+
+def test_signals_during_undo_are_deferred_and_the_first_error_wins(cloud):
+    import os
+    import signal
+
+    from rollout import cancel
+    from rollout.errors import Cancelled
+
+    deploy(cloud, "a")
+    before = set(cloud.instances)
+    orig = cloud.delete_instance
+
+    def delete(instance_id, **kw):  # a second and third signal arrive mid-undo
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        return orig(instance_id, **kw)
+    cloud.delete_instance = delete
+
+    def cancel_at_gate(step):
+        if step.kind == "health_gate":
+            raise Cancelled(signal.SIGHUP)
+    previous = cancel.install()
+    try:
+        with pytest.raises(Cancelled) as err:
+            deploy(cloud, "b", workers=1, before_step=cancel_at_gate)
+    finally:
+        cancel.restore(previous)
+    assert err.value.signum == signal.SIGHUP and err.value.exit_code == 129
+    _assert_untouched(cloud, before)
+    assert not cancel._pending  # the deferred signals do not leak into a later run
+
+
+def test_a_signal_while_creating_an_instance_still_deletes_it(cloud):
+    from rollout.errors import Cancelled
+
+    deploy(cloud, "a")
+    before = set(cloud.instances)
+    orig = cloud.create_instance
+
+    def create(spec):  # the cloud created it; the signal lands before the call returns
+        orig(spec)
+        raise Cancelled(2)
+    cloud.create_instance = create
+    with pytest.raises(Cancelled):
+        deploy(cloud, "b")
+    _assert_untouched(cloud, before)
+
+
+def test_a_reused_warm_set_that_fails_its_gate_is_replaced_by_a_fresh_one(cloud):
+    deploy(cloud, "a")
+    deploy(cloud, "b")
+    ctx = ctx_for(cloud)
+    executor.rollback(ctx, RollbackRequest(ENV, ctx.deploy_id))
+    warm_b = next(i for i in cloud.instances.values() if i.release == "b")
+    cloud.apps[warm_b.id].ready = False  # the warm set went bad while it waited
+    res = deploy(cloud, "b", health_timeout=2)
+    assert live_release(cloud) == "b" and cloud.fips[ENV].target != warm_b.port
+    assert "launch_front" in [s["kind"] for s in res["steps"]]
+    assert cloud.fips[ENV].state.lock is None
+
+
+def test_forced_deploy_below_the_floor_is_recorded_in_history(cloud):
+    cloud.releases.append(Release("img-w", "modelserve-w", "w", "sha-w", 0.10,
+                                  built_at="2026-01-03", provenance="release",
+                                  accuracy_floor=0.72))
+    deploy(cloud, "a")
+    ctx = ctx_for(cloud)
+    with pytest.raises(PlanError, match="--force"):
+        executor.deploy(ctx, DeployRequest(ENV, ctx.deploy_id, release="w"))
+    assert live_release(cloud) == "a"
+    ctx = ctx_for(cloud)
+    executor.deploy(ctx, DeployRequest(ENV, ctx.deploy_id, release="w", force=True))
+    assert live_release(cloud) == "w"
+    assert [(e.action, e.release) for e in cloud.fips[ENV].history] == [
+        ("deploy", "a"), ("deploy-forced", "w")]
+
+
+def test_a_switch_that_did_not_move_traffic_restores_the_recorded_state(cloud):
+    """The cloud accepts the switch but keeps the old target (a lying API): the check through
+    the floating IP fails, and the env's recorded live/previous go back to what they were."""
+    deploy(cloud, "a")
+    before = set(cloud.instances)
+    orig = cloud.update_floating_ip
+
+    def update(fip, *, target, state, if_revision):
+        return orig(fip, target=fip.target, state=state, if_revision=if_revision)
+
+    cloud.update_floating_ip = update
+    with pytest.raises(HealthCheckFailed, match="did not serve"):
+        deploy(cloud, "b")
+    fip = cloud.fips[ENV]
+    assert fip.state.live == "a" and fip.state.previous == "" and fip.state.lock is None
+    _assert_untouched(cloud, before)

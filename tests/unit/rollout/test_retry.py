@@ -80,3 +80,53 @@ def test_every_policy_is_named_and_bounded():
         assert isinstance(p, Policy) and p.name == name
         assert 0 < p.wait_min <= p.wait_max <= p.budget
     assert POLICIES["rollback-health"].budget <= 5  # rollback target: <= 2 s when healthy
+
+
+def test_cloud_calls_giving_up_is_a_cloud_error_not_a_timeout():
+    from rollout.errors import CloudUnavailable
+
+    fn = Flaky(10**6, TransientCloudError("HTTP 503"))
+    with pytest.raises(CloudUnavailable, match="cloud-call") as err:
+        CLOUD_CALL.run(fn, sleep=Sleeps(), what="listing servers")
+    assert isinstance(err.value, CloudError) and not isinstance(err.value, WaitTimeout)
+
+
+def test_auth_errors_are_never_retried():
+    from rollout.errors import AuthError
+
+    fn = Flaky(5, AuthError("HTTP 401"))
+    with pytest.raises(AuthError):
+        CLOUD_CALL.run(fn, sleep=Sleeps())
+    assert fn.calls == 1
+
+
+def _openstack_translation(exc: BaseException) -> BaseException:
+    openstack_cloud = pytest.importorskip("rollout.clouds.openstack")
+    try:
+        with openstack_cloud.OpenStackCloud._errors(None, "listing servers"):
+            raise exc
+    except BaseException as out:  # noqa: BLE001
+        return out
+    raise AssertionError("no error")
+
+
+def test_openstack_maps_401_403_and_keystone_auth_failures_to_auth_error():
+    from keystoneauth1 import exceptions as ks_exc
+    from openstack import exceptions as os_exc
+
+    from rollout.errors import AuthError
+
+    for exc in (os_exc.HttpException("denied", http_status=401),
+                os_exc.HttpException("forbidden", http_status=403),
+                ks_exc.Unauthorized("The request you have made requires authentication."),
+                ks_exc.http.Forbidden("no"),
+                ks_exc.AuthorizationFailure("bad password")):
+        out = _openstack_translation(exc)
+        assert isinstance(out, AuthError) and not isinstance(out, TransientCloudError), exc
+        assert "not retried" in str(out)
+    assert isinstance(_openstack_translation(ks_exc.http.InternalServerError("x")),
+                      TransientCloudError)
+    out = _openstack_translation(ks_exc.http.BadRequest("x"))
+    assert isinstance(out, CloudError) and not isinstance(out, TransientCloudError)
+    assert isinstance(_openstack_translation(ks_exc.ConnectFailure("refused")),
+                      TransientCloudError)

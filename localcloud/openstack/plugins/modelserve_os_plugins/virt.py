@@ -115,6 +115,8 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
         super().spawn(context, instance, image_meta, injected_files, admin_password,
                       allocations, network_info, block_device_info, power_on, accel_info)
         env = instance_env_from_seed(_decode_user_data(instance.user_data))
+        if env is not None:  # a real instance's hostname is its name: workers report it
+            env.setdefault("MODELSERVE_INSTANCE_NAME", instance.display_name or instance.uuid)
         ips = [ip["address"] for vif in (network_info or []) for ip in vif.fixed_ips()
                if ip["version"] == 4]
         os.makedirs(self._dir(instance.uuid), exist_ok=True)
@@ -125,6 +127,7 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
             LOG.info("server %s has no modelserve seed or no IPv4: plain fake", instance.uuid)
             return
         try:
+            self._write_release_file(instance)
             self._start_app(instance.uuid, env, ips[0])
         except Exception:  # the server still exists; its health gate will say why
             LOG.exception("could not start the app for server %s", instance.uuid)
@@ -141,6 +144,31 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
     # -- the app as processes ------------------------------------------------------------
     def _dir(self, uuid):
         return os.path.join(self.state, "instances", uuid)
+
+    def _write_release_file(self, instance):
+        """The image's RELEASE.json, as the bake writes it into a real image, from Nova's copy
+        of the Glance image properties (system_metadata ``image_<property>``). An image with
+        no ``modelserve_release`` gets none: /version then says ``"image": null``."""
+        sysmeta = dict(instance.system_metadata or {})
+
+        def prop(key):
+            return sysmeta.get(f"image_modelserve_{key}", "")
+
+        def num(key):
+            try:
+                return float(prop(key))
+            except ValueError:
+                return None
+
+        if not prop("release"):
+            return
+        doc = {"release": prop("release"), "git_sha": prop("git_sha"),
+               "app_version": prop("app_version"), "model_sha256": prop("model_sha256"),
+               "model_accuracy": num("model_accuracy"), "accuracy_floor": num("accuracy_floor"),
+               "provenance": prop("provenance"), "built_at": prop("built_at")}
+        path = os.path.join(self._dir(instance.uuid), "RELEASE.json")
+        with open(path, "w") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=True)
 
     def _start_app(self, uuid, seed_env, fixed_ip):
         if not (self.app_root and self.app_python and os.path.isdir(
@@ -176,7 +204,8 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
             fh.writelines(f"{k}={v}\n" for k, v in sorted(env.items()))
         proc_env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("OS_", "PYTHONPATH", "VIRTUAL_ENV"))}
-        proc_env.update({"MODELSERVE_INSTANCE_ENV": env_path, "PYTHONUNBUFFERED": "1"})
+        proc_env.update({"MODELSERVE_INSTANCE_ENV": env_path, "PYTHONUNBUFFERED": "1",
+                         "MODELSERVE_RELEASE_FILE": os.path.join(idir, "RELEASE.json")})
         mods = ["app.worker"] + (["app.serve"] if role == "front" else [])
         for mod in mods:
             self._launch(idir, mod.split(".")[1], [self.app_python, "-m", mod],

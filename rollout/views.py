@@ -1,0 +1,91 @@
+"""Read-only views of an env (status, history) and ``destroy``, shaped for --json/the CLI.
+
+Every cloud call goes through the context's ``BoundedCloud`` (invariant I6); ``destroy``
+holds the env's lock (creating a floating IP just to hold it when the env has none).
+"""
+
+from __future__ import annotations
+
+from rollout import health
+from rollout.clouds.base import Deployment
+from rollout.context import Context
+from rollout.lock import env_lock
+
+
+def observe(ctx: Context) -> Deployment:
+    """Read the env's floating IP, all releases and the env's instances."""
+    fip = ctx.cloud.find_floating_ip(ctx.env)
+    releases = ctx.cloud.list_releases()
+    insts = ctx.cloud.list_instances(ctx.env)
+    return Deployment(ctx.env, fip, tuple(releases), tuple(insts))
+
+
+def lock_view(observed: Deployment) -> dict | None:
+    """The lock on the env's floating IP, for status."""
+    fip = observed.fip
+    if not fip or not fip.state.lock:
+        return None
+    lk = fip.state.lock
+    return {"holder": lk.holder, "since": lk.since, "deploy_id": lk.deploy_id,
+            "expires": lk.expires or None}
+
+
+def status(ctx: Context) -> dict:
+    """Live release, rollback target, lock, floating IP, instances and images of the env."""
+    observed = observe(ctx)
+    fip = observed.fip
+    live = observed.live_instance
+    return {
+        "env": ctx.env,
+        "cloud": ctx.cloud.name,
+        "floating_ip": fip.address if fip else None,
+        "url": health.base_url(fip.address, ctx.port) + "/" if fip else None,
+        "target": fip.target if fip else None,
+        "live": observed.live,
+        "live_condition": observed.live_condition or None,
+        "live_text": observed.describe_live(),
+        "live_colour": live.colour if live else None,
+        "previous": observed.previous,
+        "lock": lock_view(observed),
+        "instances": [
+            {"name": i.name, "release": i.release, "colour": i.colour, "role": i.role,
+             "status": i.status, "address": i.address, "deploy_id": i.deploy_id,
+             "live": bool(live and i.deploy_id == live.deploy_id and i.release == live.release)}
+            for i in observed.instances
+        ],
+        "releases": [
+            {"release": r.release, "image": r.name, "built_at": r.built_at,
+             "model_sha256": r.model_sha256, "model_accuracy": r.model_accuracy,
+             "git_sha": r.git_sha, "provenance": r.provenance}
+            for r in observed.releases
+        ],
+    }
+
+
+def history(ctx: Context) -> list[dict]:
+    """The env's switch history, oldest first."""
+    fip = ctx.cloud.find_floating_ip(ctx.env)
+    if fip is None:
+        return []
+    return [{"at": e.at, "action": e.action, "release": e.release,
+             "from_release": e.from_release or None, "deploy_id": e.deploy_id}
+            for e in fip.history]
+
+
+def destroy(ctx: Context, *, break_lock: bool = False) -> dict:
+    """Delete every instance of the env and its floating IP, holding the env's lock."""
+    fip = ctx.cloud.find_floating_ip(ctx.env)
+    if fip is None and not ctx.cloud.list_instances(ctx.env):
+        return {"action": "destroy", "env": ctx.env, "deleted": [], "floating_ip": None}
+    names: list[str] = []
+    with env_lock(ctx, break_lock=break_lock, create=fip is None, temporary=True):
+        for inst in ctx.cloud.list_instances(ctx.env):
+            with ctx.reporter.step(f"delete {inst.name} ({inst.release}, {inst.role})"):
+                ctx.cloud.delete_instance(inst.id)
+            names.append(inst.name)
+        fip = ctx.cloud.find_floating_ip(ctx.env)
+        if fip is not None:
+            with ctx.reporter.step(f"release floating IP {fip.address}"):
+                ctx.cloud.delete_floating_ip(fip)  # the lock goes with it
+    return {"action": "destroy", "env": ctx.env, "deleted": names,
+            "floating_ip": fip.address if fip else None}
