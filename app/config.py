@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from app.identity import DEFAULT_RELEASE_FILE
+from app.release_id import RULE as RELEASE_RULE
+from app.release_id import is_release_id
 
 DEFAULT_INSTANCE_ENV = "/etc/modelserve/instance.env"
 ROLES = ("front", "worker")
@@ -139,8 +141,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     src: dict[str, str] = {**read_env_file(path), **{k: v for k, v in environ.items()
                                                      if k.startswith("MODELSERVE_")}}
     release = src.get("MODELSERVE_RELEASE") or "dev"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", release):
-        raise ConfigError(f"MODELSERVE_RELEASE={release!r}: letters, digits, '.', '_', '-' only")
+    if not is_release_id(release):
+        raise ConfigError(f"MODELSERVE_RELEASE={release!r}: {RELEASE_RULE}")
     return Config(
         broker_url=_url(src, "MODELSERVE_BROKER_URL", ("amqp", "pyamqp")),
         result_url=_url(src, "MODELSERVE_RESULT_URL", ("redis",)),

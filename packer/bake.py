@@ -35,6 +35,10 @@ from pathlib import Path
 
 PACKER_DIR = Path(__file__).resolve().parent
 ROOT = PACKER_DIR.parent
+sys.path.insert(0, str(ROOT))  # app.release_id: the one release-id grammar (stdlib only)
+from app.release_id import RULE as RELEASE_RULE  # noqa: E402
+from app.release_id import is_release_id  # noqa: E402
+
 SCRIPTS = ROOT / "image-scripts"
 CACHE = Path(os.environ.get("MODELSERVE_CACHE", "/var/cache/modelserve"))
 WHEELHOUSE = CACHE / "wheelhouse"
@@ -43,7 +47,6 @@ BRIDGE = os.environ.get("MODELSERVE_LXD_BRIDGE", "msbr0")
 POOL = os.environ.get("MODELSERVE_LXD_POOL", "default")
 BAKE_PROFILE = "modelserve-bake"
 TARGET_PYTHON = "3.11.2"  # Debian 12's python3: markers (python_full_version) need all of it
-RELEASE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,28}[a-z0-9])?$")
 # What the deps layer is made of: any change here (or in the base image) bakes a new one.
 DEPS_SCRIPTS = ("lib.sh", "trust_build_ca.sh", "install_rabbitmq.sh", "create_venv.sh",
                 "cleanup.sh")
@@ -92,9 +95,8 @@ def default_release(now: dt.datetime | None = None) -> str:
 
 def check_release(release: str) -> str:
     """The release id, or BakeError when it is not a DNS label of at most 30 characters."""
-    if not RELEASE_RE.match(release):
-        raise BakeError(f"RELEASE={release!r}: use lowercase letters, digits and '-', 1-30 "
-                        "characters, starting and ending with a letter or digit")
+    if not is_release_id(release):
+        raise BakeError(f"RELEASE={release!r}: use {RELEASE_RULE}")
     return release
 
 

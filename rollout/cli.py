@@ -21,6 +21,8 @@ from enum import IntEnum
 from rich.console import Console
 from rich.table import Table
 
+from app.release_id import RULE as RELEASE_RULE
+from app.release_id import is_release_id
 from rollout import cancel, executor
 from rollout.clouds import default_cloud_name, open_cloud
 from rollout.errors import (
@@ -36,7 +38,6 @@ from rollout.errors import (
 from rollout.planner import DeployRequest, RollbackRequest
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
-_RELEASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 
 
 class ExitCode(IntEnum):
@@ -96,8 +97,8 @@ def _env_name(text: str) -> str:
 
 
 def _release_name(text: str) -> str:
-    if not _RELEASE.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '.', '_', '-', max 40")
+    if not is_release_id(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {RELEASE_RULE}")
     return text
 
 

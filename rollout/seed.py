@@ -16,6 +16,9 @@ from string import Template
 
 import yaml
 
+from app.release_id import RULE as RELEASE_RULE
+from app.release_id import is_release_id
+
 NOCLOUD_DIR = Path(__file__).resolve().parent.parent / "nocloud"
 INSTANCE_ENV_PATH = "/etc/modelserve/instance.env"
 BROKER_VHOST = "modelserve"
@@ -84,6 +87,8 @@ class SeedParams:
             raise ValueError(f"seed: role must be front or worker, not {self.role!r}")
         if self.colour not in ("blue", "green"):
             raise ValueError(f"seed: colour must be blue or green, not {self.colour!r}")
+        if not is_release_id(self.release):
+            raise ValueError(f"seed: MODELSERVE_RELEASE {self.release!r}: {RELEASE_RULE}")
         for key, value in vals.items():
             if not value or not _SAFE.match(value):
                 raise ValueError(f"seed: {key} is empty or has characters outside {_SAFE.pattern}")

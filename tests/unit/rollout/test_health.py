@@ -11,7 +11,6 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -19,6 +18,7 @@ from rollout import health
 from rollout.clouds.base import Release
 from rollout.errors import HealthCheckFailed
 from rollout.retry import NotReady
+from tests.unit.rollout.fakecloud import serve
 
 SHA = "a" * 64
 BAKED = Release("img", "modelserve-r1", "r1", SHA, 0.79, git_sha="g1", app_version="0.1.0",
@@ -39,41 +39,21 @@ def version_body(**over) -> dict:
 
 @contextmanager
 def server(routes: dict[tuple[str, str], tuple[int, object]]) -> Iterator[tuple[str, int]]:
-    """A threaded HTTP server answering ``routes[(method, path)] = (status, json body)``."""
+    """A threaded HTTP server answering ``routes[(method, path)] = (status, json body)``;
+    the requests it saw are in ``calls``."""
+    calls: list[tuple[str, str]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def _go(self, method: str) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n:
-                self.rfile.read(n)
-            self.server.calls.append((method, self.path))  # type: ignore[attr-defined]
-            code, body = routes.get((method, self.path), (404, {"error": "not found"}))
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def route(method: str, path: str):
+        calls.append((method, path))
+        return routes.get((method, path), (404, {"error": "not found"}))
 
-        def do_GET(self):  # noqa: N802
-            self._go("GET")
-
-        def do_POST(self):  # noqa: N802
-            self._go("POST")
-
-        def log_message(self, *args):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.calls = []  # type: ignore[attr-defined]
-    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    t.start()
+    srv = serve("127.0.0.1", 0, route)
+    srv.calls = calls  # type: ignore[attr-defined]
     try:
         yield srv.server_address[0], srv.server_address[1]
     finally:
         srv.shutdown()
         srv.server_close()
-        t.join(5)
 
 
 def front_routes(version: dict, sha: str = SHA, ready: int = 200) -> dict:
