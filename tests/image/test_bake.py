@@ -172,7 +172,9 @@ def test_image_hygiene(baked, local_cloud, request):
                          ).stdout)["expanded_devices"]
     pool_name = pool["root"]["pool"]
     lxd_dir = os.environ.get("LXD_DIR", "/var/lib/lxd")
-    rootfs = Path(f"{lxd_dir}/storage-pools/{pool_name}/containers/{name}/rootfs")
+    # LXD keeps a non-default project's volumes as <project>_<name>
+    volume = name if project() == "default" else f"{project()}_{name}"
+    rootfs = Path(f"{lxd_dir}/storage-pools/{pool_name}/containers/{volume}/rootfs")
     assert (rootfs / "opt/modelserve/RELEASE.json").is_file()
 
     ca_lines = [c.split("\n")[2].encode() for c in re.findall(
