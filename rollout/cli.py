@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_status(con: Console, st: dict) -> None:
     con.print(f"env [bold]{st['env']}[/] on {st['cloud']}: floating IP "
-              f"{st['floating_ip'] or '-'} → live [bold green]{st['live_text']}[/] "
+              f"{st['floating_ip'] or '-'} → [bold green]{st['live_text']}[/] "
               f"({st['live_colour'] or '-'}), previous {st['previous'] or '-'}")
     if st["lock"]:
         lk = st["lock"]
