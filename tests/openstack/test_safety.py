@@ -7,6 +7,7 @@ MODELSERVE_ROLLOUT_HOOK_DIR): the run says when it got there, the test acts, not
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -203,3 +204,34 @@ def test_wrong_password_is_permanent_and_changes_nothing(os_env, conn, harness, 
     assert 1 <= failed_logins() - before_logins <= 2, failed_logins() - before_logins
     assert fip_of(conn, env_name).revision_number == before
     assert {s.id for s in _servers(conn, env_name)} == {server_a}
+
+
+def test_plan_with_nothing_live_never_picks_a_bad_newest_image(os_env, conn, releases,
+                                                               bundle_meta, env_name):
+    """I4/I5: with nothing live, the newest image is a stand-in of accuracy 0.10 (skipped:
+    not a baked release) and, newer still, a baked release of accuracy 0.10 (refused: below
+    the quality floor, exit 3). Without the latter, the newest baked release is planned."""
+    from localcloud.openstack import seed
+
+    tag = env_name
+    made = []
+    try:
+        for name, provenance, built in ((f"{tag}-standin", "standin", "2027-01-01"),
+                                        (f"{tag}-worse", "release", "2027-01-02")):
+            made.append(seed.upload_image(conn, name, f"disk of {name}".encode(), {
+                "modelserve_model_sha256": bundle_meta["sha256"],
+                "modelserve_model_accuracy": "0.1", "modelserve_provenance": provenance,
+                "modelserve_accuracy_floor": str(bundle_meta["accuracy_floor"]),
+                "modelserve_built_at": f"{built}T00:00:00Z", "modelserve_git_sha": "0" * 12,
+            }))
+        res = rollout(os_env, "plan", "--json", env_name=env_name)
+        assert res.returncode == ExitCode.PLAN, res.stderr[-2000:]
+        assert f"{tag}-worse" in res.stderr and "floor" in res.stderr, res.stderr[-2000:]
+        conn.image.delete_image(made.pop().id)
+        plan = json.loads(ok(rollout(os_env, "plan", "--json", env_name=env_name)).stdout)
+        assert plan["release"] not in (f"{tag}-standin", f"{tag}-worse"), plan
+        assert any("newest baked release" in n for n in plan["notes"]), plan["notes"]
+    finally:
+        for image in made:
+            conn.image.delete_image(image.id, ignore_missing=True)
+    assert not list(conn.network.ips(tags=f"modelserve-env-{env_name}"))  # I9: nothing made
