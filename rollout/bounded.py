@@ -16,17 +16,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from rollout.clouds.base import (
-    ERROR,
-    RUNNING,
     FipState,
     FloatingIP,
     HistoryEvent,
     Instance,
     InstanceSpec,
     Release,
+    booted,
 )
-from rollout.errors import CloudError
-from rollout.retry import CLOUD_CALL, INSTANCE_BOOT, NotReady, Policy
+from rollout.retry import CLOUD_CALL, INSTANCE_BOOT, Policy
 
 T = TypeVar("T")
 
@@ -78,16 +76,9 @@ class BoundedCloud:
     def wait_for_instance(self, instance_id: str, *, timeout: float) -> Instance:
         """Poll ``get_instance`` (INSTANCE_BOOT, budget ``timeout``) until RUNNING with an
         address and a port; ``CloudError`` on ERROR; ``WaitTimeout`` (exit 7) when time is up."""
-        def ready() -> Instance:
-            inst = self.__cloud.get_instance(instance_id)
-            if inst.status == ERROR:
-                raise CloudError(f"instance {inst.name} went to ERROR: {inst.fault or '?'}")
-            if inst.status != RUNNING or not inst.address or not inst.port:
-                raise NotReady(f"instance {inst.name} is {inst.status}, address={inst.address}")
-            return inst
-
         return INSTANCE_BOOT.with_budget(timeout).run(
-            ready, sleep=self.__sleep, what=f"waiting for instance {instance_id}")
+            lambda: booted(self.__cloud.get_instance(instance_id)), sleep=self.__sleep,
+            what=f"waiting for instance {instance_id}")
 
     def delete_instance(self, instance_id: str, *, ignore_missing: bool = True) -> None:
         self._call(f"deleting {instance_id}", lambda: self.__cloud.delete_instance(

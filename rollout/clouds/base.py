@@ -458,17 +458,22 @@ class CloudBase:
 
     def wait_for_instance(self, instance_id: str, *, timeout: float) -> Instance:
         """Poll ``get_instance`` (INSTANCE_BOOT policy) until RUNNING with an address."""
-        from rollout.errors import CloudError
-        from rollout.retry import INSTANCE_BOOT, NotReady
-
-        def ready() -> Instance:
-            inst = self.get_instance(instance_id)  # type: ignore[attr-defined]
-            if inst.status == ERROR:
-                raise CloudError(f"instance {inst.name} went to ERROR: {inst.fault or '?'}")
-            if inst.status != RUNNING or not inst.address or not inst.port:
-                raise NotReady(f"instance {inst.name} is {inst.status}, address={inst.address}")
-            return inst
+        from rollout.retry import INSTANCE_BOOT
 
         return INSTANCE_BOOT.with_budget(timeout).run(
-            ready, sleep=self.sleep, what=f"waiting for instance {instance_id}"
+            lambda: booted(self.get_instance(instance_id)),  # type: ignore[attr-defined]
+            sleep=self.sleep, what=f"waiting for instance {instance_id}"
         )
+
+
+def booted(inst: Instance) -> Instance:
+    """The predicate every ``wait_for_instance`` polls: ``inst`` when RUNNING with an address
+    and a port; ``CloudError`` on ERROR (permanent); ``NotReady`` otherwise."""
+    from rollout.errors import CloudError
+    from rollout.retry import NotReady
+
+    if inst.status == ERROR:
+        raise CloudError(f"instance {inst.name} went to ERROR: {inst.fault or '?'}")
+    if inst.status != RUNNING or not inst.address or not inst.port:
+        raise NotReady(f"instance {inst.name} is {inst.status}, address={inst.address}")
+    return inst
