@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,13 +142,7 @@ def main() -> int:
     if args.serve:
         serve_inprocess(args.port, seed=args.serve == "seed")
         return 0
-    if not shutil.which("wrk"):
-        raise SystemExit("bench: wrk is not installed (make setup installs it)")
-    base = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
-    os.chmod(base, 0o755)
-    broker, redis = svc.RabbitMQ(base / "rabbitmq").start(), svc.Redis(base / "redis").start()
-    env = svc.app_env(broker, redis, MODELSERVE_RELEASE="bench",
-                      **dict(kv.split("=", 1) for kv in args.set))
+    base, broker, redis, env = svc.bench_stack("modelserve-bench-", args.set)
     body = json.dumps({"instances": [ROW]})
     results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
                      "duration_s": args.duration, "rounds": args.rounds, "paths": {}}

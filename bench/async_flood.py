@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,13 +100,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra MODELSERVE_* settings for the stack")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("bench: wrk is not installed (make setup installs it)")
-    base = Path(tempfile.mkdtemp(prefix="modelserve-flood-"))
-    os.chmod(base, 0o755)
-    broker, redis = svc.RabbitMQ(base / "rabbitmq").start(), svc.Redis(base / "redis").start()
-    env = svc.app_env(broker, redis, MODELSERVE_RELEASE="bench",
-                      **dict(kv.split("=", 1) for kv in args.set))
+    base, broker, redis, env = svc.bench_stack("modelserve-flood-", args.set)
     sync_body = json.dumps({"instances": [ROW]})
     flood_body = json.dumps({"instances": [ROW] * args.flood_rows})
     procs = []

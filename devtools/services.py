@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,19 @@ def app_env(broker: RabbitMQ, redis: Redis, **extra: str) -> dict[str, str]:
     })
     env.update(extra)
     return env
+
+
+def bench_stack(prefix: str, settings: list[str]) -> tuple[Path, RabbitMQ, Redis, dict[str, str]]:
+    """A benchmark's private RabbitMQ + Redis in a fresh dir, and the app's environment with
+    ``settings`` (``KEY=VALUE`` strings from ``--set``) on top; wrk must be installed."""
+    if not shutil.which("wrk"):
+        raise SystemExit("bench: wrk is not installed (make setup installs it)")
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)
+    broker, redis = RabbitMQ(base / "rabbitmq").start(), Redis(base / "redis").start()
+    env = app_env(broker, redis, MODELSERVE_RELEASE="bench",
+                  **dict(kv.split("=", 1) for kv in settings))
+    return base, broker, redis, env
 
 
 def start_worker(env: dict[str, str], log: Path, concurrency: int = 2,
