@@ -40,7 +40,6 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
 
 import pylxd
 import requests
@@ -73,26 +72,6 @@ LXD_HTTP_TIMEOUT = (10.0, 120.0)
 LXD_OP_TIMEOUT = 600.0
 #: start failures that mean "that pinned address is taken": pick another one
 ADDRESS_TAKEN = ("already defined on another NIC", "already in use")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def encode_lock(lk: Lock) -> str:
-    """``holder|since|deploy_id[|expires]`` (config value of user.modelserve.lock)."""
-    parts = [lk.holder, lk.since, lk.deploy_id]
-    expires = getattr(lk, "expires", "") or ""
-    if expires:
-        parts.append(str(expires))
-    return "|".join(parts)
-
-
-def decode_lock(text: str) -> Lock:
-    holder, since, deploy_id, expires = (text.split("|") + ["", "", "", ""])[:4]
-    if "expires" in getattr(Lock, "__dataclass_fields__", {}):
-        return Lock(holder, since, deploy_id, expires=expires)  # type: ignore[call-arg]
-    return Lock(holder, since, deploy_id)
 
 
 def _pinned(meta: dict) -> str | None:
@@ -387,7 +366,7 @@ class LXDCloud(CloudBase):
 
     def _to_fip(self, fwd: dict) -> FloatingIP:
         cfg = fwd.get("config") or {}
-        lock = decode_lock(cfg[PREFIX + "lock"]) if cfg.get(PREFIX + "lock") else None
+        lock = Lock.decode(cfg[PREFIX + "lock"]) if cfg.get(PREFIX + "lock") else None
         try:
             history = tuple(HistoryEvent.decode(e)
                             for e in json.loads(cfg.get(PREFIX + "history") or "[]"))
@@ -579,7 +558,7 @@ class LXDCloud(CloudBase):
             if state.previous:
                 cfg[PREFIX + "previous"] = state.previous
             if state.lock:
-                cfg[PREFIX + "lock"] = encode_lock(state.lock)
+                cfg[PREFIX + "lock"] = state.lock.encode()
             cfg[PREFIX + "revision"] = str(int(if_revision or "0") + 1)
             body = {"description": current.get("description", ""), "config": cfg,
                     "ports": current.get("ports") or []}
