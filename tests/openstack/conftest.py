@@ -109,6 +109,11 @@ def servers_of(conn, env_name):
     return list(conn.compute.servers(details=True, tags=env_tag(env_name)))
 
 
+def live_servers(conn, env_name):
+    """The env's servers that are not (yet) deleted: Nova lists DELETED ones for a while."""
+    return [s for s in servers_of(conn, env_name) if s.status != "DELETED"]
+
+
 def purge_env(conn, env_name):
     """Delete every server and the floating IP of one env (a test's own teardown)."""
     for server in servers_of(conn, env_name):

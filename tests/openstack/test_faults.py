@@ -17,25 +17,21 @@ from rollout.clouds.openstack import OpenStackCloud
 from tests.openstack.conftest import (
     fip_of,
     live_release,
+    live_servers,
     ok,
     port_of,
     purge_env,
     rollout,
-    servers_of,
 )
 
 pytestmark = pytest.mark.openstack
-
-
-def _live_servers(conn, env_name):
-    return [s for s in servers_of(conn, env_name) if s.status != "DELETED"]
 
 
 def assert_clean(conn, env_name, keep_ids, timeout=90):
     """Only `keep_ids` remain in the env (deletes are asynchronous: wait for them)."""
     deadline = time.monotonic() + timeout
     while True:
-        ids = {s.id for s in _live_servers(conn, env_name)}
+        ids = {s.id for s in live_servers(conn, env_name)}
         if ids == set(keep_ids):
             break
         assert time.monotonic() < deadline, f"left behind in {env_name}: {ids - set(keep_ids)}"
@@ -75,10 +71,10 @@ def live_a(os_env, conn, releases, fenv):
         ok(rollout(os_env, "deploy", "--release", releases[0], "--no-probe", env_name=fenv))
         st = _status(os_env, fenv)
     live = st["live"]
-    server = next(s for s in _live_servers(conn, fenv)
+    server = next(s for s in live_servers(conn, fenv)
                   if s.metadata["modelserve_release"] == live
                   and fip_of(conn, fenv).port_id == port_of(conn, s.id).id)
-    present = {s.metadata["modelserve_release"] for s in _live_servers(conn, fenv)}
+    present = {s.metadata["modelserve_release"] for s in live_servers(conn, fenv)}
     fresh = next(r for r in releases if r not in present)
     return fenv, server.id, live, fresh
 
@@ -189,7 +185,7 @@ def test_service_restart_mid_deploy_is_ridden_out(os_env, conn, harness, live_a,
     assert all(harness.status().values()), harness.status()
     assert code == 0, err[-3000:]
     assert live_release(conn, env_name) == b
-    sb = [s for s in _live_servers(conn, env_name) if s.metadata["modelserve_release"] == b]
+    sb = [s for s in live_servers(conn, env_name) if s.metadata["modelserve_release"] == b]
     assert fip_of(conn, env_name).port_id in {port_of(conn, s.id).id for s in sb}
 
 
@@ -199,16 +195,16 @@ def test_rollback_when_the_previous_server_was_deleted(os_env, conn, live_a):
     if not previous:  # run alone: make a rollback target first
         ok(rollout(os_env, "deploy", "--release", fresh, "--no-probe", env_name=env_name))
         previous, live = live, fresh
-        server_live = next(s.id for s in _live_servers(conn, env_name)
+        server_live = next(s.id for s in live_servers(conn, env_name)
                            if s.metadata["modelserve_release"] == live)
-    doomed = [s for s in _live_servers(conn, env_name)
+    doomed = [s for s in live_servers(conn, env_name)
               if s.metadata["modelserve_release"] == previous]
     assert doomed, f"no server of the rollback target {previous}"
     for s in doomed:
         conn.compute.delete_server(s.id)
     for s in doomed:
         conn.compute.wait_for_delete(s, wait=120)
-    keep = {s.id for s in _live_servers(conn, env_name)}
+    keep = {s.id for s in live_servers(conn, env_name)}
     proc = rollout(os_env, "rollback", "--no-probe", env_name=env_name)
     assert proc.returncode != 0
     assert "roll back" in proc.stderr.lower() or "rollback" in proc.stderr.lower(), proc.stderr

@@ -20,6 +20,7 @@ from rollout.seed import parse_user_data
 from tests.openstack.conftest import (
     fip_of,
     live_release,
+    live_servers,
     ok,
     port_of,
     rollout,
@@ -134,7 +135,7 @@ def test_deploy_deploy_rollback_status_history_plan_cleanup(
     orphan = leftover(releases[2], "dead00")
     of_previous = leftover(b, "dead01")  # b is the rollback target now
     ok(rollout(os_env, "cleanup", env_name=env_name))
-    left = {s.id for s in servers_of(conn, env_name) if s.status != "DELETED"}
+    left = {s.id for s in live_servers(conn, env_name)}
     assert orphan.id not in left
     assert {sa.id, sb.id, of_previous.id} <= left
     assert live_release(conn, env_name) == a

@@ -23,24 +23,20 @@ from tests.openstack.conftest import (
     ROOT,
     fip_of,
     live_release,
+    live_servers,
     ok,
     port_of,
     rollout,
-    servers_of,
 )
 
 pytestmark = pytest.mark.openstack
 
 
-def _servers(conn, env_name):
-    return [s for s in servers_of(conn, env_name) if s.status != "DELETED"]
-
-
 def _wait_gone(conn, env_name, keep_ids, timeout=120):
     deadline = time.monotonic() + timeout
-    while {s.id for s in _servers(conn, env_name)} != set(keep_ids):
+    while {s.id for s in live_servers(conn, env_name)} != set(keep_ids):
         assert time.monotonic() < deadline, (
-            f"left in {env_name}: {[s.name for s in _servers(conn, env_name)]}")
+            f"left in {env_name}: {[s.name for s in live_servers(conn, env_name)]}")
         time.sleep(0.5)
 
 
@@ -75,7 +71,7 @@ def _wait_reached(proc: subprocess.Popen, hook_dir: Path, step: str, timeout=300
 def live_a(os_env, conn, releases, env_name):
     """A fresh env with release A live; (env, A's server id)."""
     ok(rollout(os_env, "deploy", "--release", releases[0], "--no-probe", env_name=env_name))
-    (server,) = _servers(conn, env_name)
+    (server,) = live_servers(conn, env_name)
     return env_name, server.id
 
 
@@ -88,7 +84,7 @@ def test_signal_mid_gate_undoes_the_run(os_env, conn, releases, live_a, tmp_path
     proc = _start_paused(os_env, env_name, releases[1], tmp_path, "health_gate")
     try:
         _wait_reached(proc, tmp_path, "health_gate")
-        assert len(_servers(conn, env_name)) == 2
+        assert len(live_servers(conn, env_name)) == 2
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=300)
     finally:
@@ -115,7 +111,7 @@ def test_sigkill_mid_gate_then_break_lock_then_deploy(os_env, conn, releases, li
     proc.communicate(timeout=60)
     lock = _lock(conn, env_name)
     assert lock is not None and lock.holder.endswith(f":{proc.pid}") and lock.expires
-    dead = [s for s in _servers(conn, env_name) if s.id != server_a]
+    dead = [s for s in live_servers(conn, env_name) if s.id != server_a]
     assert len(dead) == 1 and dead[0].metadata["modelserve_deploy_id"] == lock.deploy_id
     assert live_release(conn, env_name) == releases[0]
 
@@ -136,7 +132,7 @@ def test_stopped_previous_release_survives_cleanup(os_env, conn, releases, live_
     conn.compute.stop_server(server_a)
     conn.compute.wait_for_server(conn.compute.get_server(server_a), status="SHUTOFF", wait=120)
     ok(rollout(os_env, "cleanup", env_name=env_name))
-    assert server_a in {s.id for s in _servers(conn, env_name)}
+    assert server_a in {s.id for s in live_servers(conn, env_name)}
     st = FipState.decode(fip_of(conn, env_name).description)
     assert st.previous == releases[0]
 
@@ -149,7 +145,7 @@ def test_stopped_live_release_survives_cleanup(os_env, conn, releases, live_a):
     conn.compute.wait_for_server(conn.compute.get_server(server_a), status="SHUTOFF", wait=120)
     res = rollout(os_env, "cleanup", env_name=env_name)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert server_a in {s.id for s in _servers(conn, env_name)}
+    assert server_a in {s.id for s in live_servers(conn, env_name)}
     st = rollout(os_env, "status", env_name=env_name)
     assert "stopped" in st.stdout and releases[0] in st.stdout, st.stdout
 
@@ -203,7 +199,7 @@ def test_wrong_password_is_permanent_and_changes_nothing(os_env, conn, harness, 
     assert "auth" in res.stderr.lower(), res.stderr[-2000:]
     assert 1 <= failed_logins() - before_logins <= 2, failed_logins() - before_logins
     assert fip_of(conn, env_name).revision_number == before
-    assert {s.id for s in _servers(conn, env_name)} == {server_a}
+    assert {s.id for s in live_servers(conn, env_name)} == {server_a}
 
 
 def test_plan_with_nothing_live_never_picks_a_bad_newest_image(os_env, conn, releases,
