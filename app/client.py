@@ -8,6 +8,7 @@ from typing import Any
 
 from amqp.exceptions import MessageNacked
 from celery import states
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
@@ -77,6 +78,10 @@ class BrokerClient:
         except CeleryTimeout:
             raise Unavailable(f"no worker answered within {timeout:.1f}s "
                               "(are the workers running?)") from None
+        except TaskRevokedError:
+            # its expiry (= the deadline) passed before a worker took it, e.g. while a broker
+            # restart redelivered it: the same outcome as a timeout, never a 500
+            raise Unavailable(f"no worker started the task within {timeout:.1f}s") from None
         except _TRANSPORT_ERRORS as exc:
             raise Unavailable(f"broker or result store unreachable: {exc}") from None
         return unpack(out["probabilities"]).tolist(), out["sha256"]
