@@ -23,7 +23,7 @@ from rich.table import Table
 
 from app.release_id import RULE as RELEASE_RULE
 from app.release_id import is_release_id
-from rollout import cancel, executor
+from rollout import cancel, executor, redact
 from rollout.clouds import default_cloud_name, open_cloud
 from rollout.errors import (
     Cancelled,
@@ -209,6 +209,7 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
         return ExitCode.USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         stream=err.file, format="%(name)s: %(message)s")
+    redact.install()  # -v logs SDK request/response bodies: seeds and passwords stay out
     cloud_name = args.cloud or default_cloud_name()
 
     def emit(obj: object) -> None:

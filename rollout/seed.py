@@ -18,6 +18,7 @@ import yaml
 
 from app.release_id import RULE as RELEASE_RULE
 from app.release_id import is_release_id
+from rollout import redact
 
 NOCLOUD_DIR = Path(__file__).resolve().parent.parent / "nocloud"
 INSTANCE_ENV_PATH = "/etc/modelserve/instance.env"
@@ -41,6 +42,9 @@ class Credentials:
             broker_password=secrets.token_hex(24),
             redis_password=secrets.token_hex(24),
         )
+
+    def __post_init__(self) -> None:
+        redact.register(self.broker_password, self.redis_password)  # masked in every log line
 
     def __repr__(self) -> str:  # never print secrets in logs or tracebacks
         return f"Credentials(broker_user={self.broker_user!r}, ...)"
