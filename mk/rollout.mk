@@ -24,13 +24,16 @@ test-rollout-unit: venv rollout-deps ## rollout unit tests (planner, retry, seed
 test-rollout: venv rollout-deps ## rollout unit + e2e + fault matrix on real LXD
 	$(PY) -m pytest tests/unit/rollout tests/e2e
 
-demo: venv ## local cloud + image (if missing) + deploy; prints the floating-IP URL
-	$(MAKE) local-cloud
-	lxc image info modelserve-$(DEMO_RELEASE) >/dev/null 2>&1 || \
-	  $(MAKE) image RELEASE=$(DEMO_RELEASE)
-	$(PY) -m rollout deploy --env $(ROLLOUT_ENV) --release $(DEMO_RELEASE)
-	@$(PY) -m rollout status --env $(ROLLOUT_ENV) --json | $(PY) -c \
-	  'import json,sys; s=json.load(sys.stdin); print("modelserve", s["live"], "is live at", s["url"])'
+# Quiet: one line per phase (venv, LXD, base image, wheelhouse, dependencies and release layers,
+# then the deploy's own steps); apt, mmdebstrap, pip and Packer output go to the log it names
+# (DEMO_LOG=path to choose it), shown when a phase fails. `make local-cloud`/`make image` stay
+# verbose. DEMO_BAKE_ARGS: extra packer/bake.py arguments (e.g. --rebuild-deps).
+DEMO_LOG ?=
+DEMO_BAKE_ARGS ?=
+demo: ## local cloud + image (if missing) + deploy, one line per phase; prints the URL
+	@python3 devtools/demo.py --env $(ROLLOUT_ENV) --release $(DEMO_RELEASE) \
+	  --image-env $(IMAGE_ENV) --python $(PY) --venv $(VENV) \
+	  $(if $(DEMO_LOG),--log $(DEMO_LOG)) $(foreach a,$(DEMO_BAKE_ARGS),--bake-arg=$(a))
 
 release: venv ## bake the current tree (app + model bundle) and deploy it (blue-green)
 	$(MAKE) local-cloud

@@ -102,6 +102,22 @@ def _release_name(text: str) -> str:
     return text
 
 
+def version() -> str:
+    """The project version: the installed distribution's metadata when this code is that
+    distribution's, else the source tree's (``app.__version__``, which the build reads)."""
+    from importlib import metadata
+    from pathlib import Path
+
+    from app import __version__
+    try:
+        dist = metadata.distribution("modelserve")
+        if Path(str(dist.locate_file("rollout/cli.py"))).resolve() == Path(__file__).resolve():
+            return dist.version
+    except metadata.PackageNotFoundError:
+        pass
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands deploy, rollback, status, history, plan, cleanup)."""
     common = _Parser(add_help=False)
@@ -114,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="python -m rollout",
                                 description="Blue-green releases of modelserve images.")
+    p.add_argument("--version", action="version", version=f"modelserve-rollout {version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def deploy_args(sp: argparse.ArgumentParser) -> None:

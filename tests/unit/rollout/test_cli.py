@@ -234,3 +234,42 @@ def test_the_hook_releases_the_pause_when_go_appears(tmp_path):
     assert (tmp_path / "switch.reached").read_text().isdigit()
     st = json.loads(state.read_text())
     assert st["after"]["live"] == "b" and st["after"]["lock"] is None
+
+
+def _project_version() -> str:
+    """app/__init__.py's __version__: the one source (pyproject's dynamic version reads it)."""
+    import re
+    text = (ROOT / "app" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"$', text, re.M).group(1)
+
+
+def test_version_names_the_project_version_and_touches_no_cloud(cloud):
+    code, out, err = run(cloud, "--version")
+    assert code == 0, err
+    assert out == f"modelserve-rollout {_project_version()}\n" and err == ""
+    assert not cloud.instances and not cloud.fips
+
+
+def test_python_m_rollout_version_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "rollout", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"modelserve-rollout {_project_version()}\n"
+
+
+@pytest.mark.parametrize("installed_here", [True, False])
+def test_version_from_metadata_only_when_this_code_is_the_installed_one(monkeypatch,
+                                                                        installed_here):
+    """Installed, the distribution's metadata names the version; an installed distribution
+    that is not this code (an older wheel in the venv) does not lend it to the working tree."""
+    from importlib import metadata
+
+    site = Path(cli.__file__).resolve().parents[1] if installed_here else Path("/nonexistent")
+
+    class Dist:
+        version = "9.9.9"
+
+        def locate_file(self, path):
+            return site / path
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist())
+    assert cli.version() == ("9.9.9" if installed_here else _project_version())
