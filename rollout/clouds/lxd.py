@@ -15,8 +15,10 @@ Mapping (see base.py for the protocol):
 * FloatingIP = a network forward on the managed bridge (MODELSERVE_LXD_BRIDGE, msbr0):
   ``listen_address`` = the floating address, picked once per env from the /24 after the
   bridge's (MODELSERVE_LXD_FIP_PREFIX overrides, e.g. ``10.87.43``). The target is an
-  instance name (``user.modelserve.target``); ``target_address`` = that instance's pinned
-  address, resolved at every update, never a DHCP address another container could get.
+  instance name (``user.modelserve.target``); the forward has ONE port, tcp APP_PORT (8080),
+  whose ``target_address`` is that instance's pinned address, resolved at every update, never
+  a DHCP address another container could get. There is no default target: no other port of
+  the instance (AMQP, Redis, ssh) is reachable through the floating address.
   State in config keys ``user.modelserve.{env,project,target,live,previous,lock,revision,
   history}``.
 * Compare-and-swap: LXD 5.0 ignores If-Match on forwards, so ``update_floating_ip`` runs
@@ -47,6 +49,7 @@ from pylxd.exceptions import LXDAPIException
 from pylxd.exceptions import NotFound as LXDNotFound
 
 from rollout.clouds.base import (
+    APP_PORT,
     BUILDING,
     ERROR,
     HISTORY_KEEP,
@@ -73,6 +76,23 @@ LXD_OP_TIMEOUT = 600.0
 #: start failures that mean "that pinned address is taken": pick another one
 ADDRESS_TAKEN = ("already defined on another NIC", "already in use")
 
+
+
+def _app_ports(address: str | None) -> list[dict]:
+    """The forward's only port: tcp APP_PORT to ``address`` (none without a target)."""
+    if not address:
+        return []
+    return [{"description": "modelserve app", "protocol": "tcp", "listen_port": str(APP_PORT),
+             "target_address": address, "target_port": str(APP_PORT)}]
+
+
+def _forwarded_address(fwd: dict) -> str:
+    """Where the forward sends APP_PORT: its app port's target, or (older forwards) the
+    default target that forwarded every port."""
+    for port in fwd.get("ports") or []:
+        if port.get("protocol") == "tcp" and str(port.get("listen_port")) == str(APP_PORT):
+            return str(port.get("target_address") or "")
+    return str((fwd.get("config") or {}).get("target_address") or "")
 
 def _pinned(meta: dict) -> str | None:
     """The pinned ``ipv4.address`` of an instance's eth0, if any."""
@@ -374,7 +394,7 @@ class LXDCloud(CloudBase):
             history = ()
         # the target is an instance name; a forward written by an older rollout has only a
         # bare address (shown as is; the next switch replaces it by a name)
-        target = cfg.get(PREFIX + "target") or cfg.get("target_address") or None
+        target = cfg.get(PREFIX + "target") or _forwarded_address(fwd) or None
         return FloatingIP(
             id=fwd["listen_address"], address=fwd["listen_address"],
             env=cfg.get(PREFIX + "env", ""), target=target,
@@ -540,18 +560,19 @@ class LXDCloud(CloudBase):
                 raise Conflict(
                     f"floating IP {fip.address} (env {fip.env}) changed since it was read "
                     f"(revision {cfg.get(PREFIX + 'revision')} != {if_revision})")
-            old_target = cfg.get(PREFIX + "target") or cfg.get("target_address") or None
-            old_address = cfg.get("target_address")
+            old_address = _forwarded_address(current)
+            old_target = cfg.get(PREFIX + "target") or old_address or None
             for key in ("live", "previous", "lock", "target"):
                 cfg.pop(PREFIX + key, None)
+            # a forward written by an older rollout forwarded every port (a default target)
             cfg.pop("target_address", None)
+            address = None
             if target and target == old_target:
-                if old_address:
-                    cfg["target_address"] = old_address
+                address = old_address
                 if target != old_address:
                     cfg[PREFIX + "target"] = target
             elif target:
-                cfg["target_address"] = self._target_address(target)
+                address = self._target_address(target)
                 cfg[PREFIX + "target"] = target
             if state.live:
                 cfg[PREFIX + "live"] = state.live
@@ -561,7 +582,7 @@ class LXDCloud(CloudBase):
                 cfg[PREFIX + "lock"] = state.lock.encode()
             cfg[PREFIX + "revision"] = str(int(if_revision or "0") + 1)
             body = {"description": current.get("description", ""), "config": cfg,
-                    "ports": current.get("ports") or []}
+                    "ports": _app_ports(address)}
             with self._errors(f"updating forward {fip.address}"):
                 node.put(json=body)
         found = self.find_floating_ip(fip.env)

@@ -431,7 +431,10 @@ def test_a_new_container_never_gets_the_live_address(cloud, live):
     (front,) = [i for i in instances_of(cloud, env, a) if i.role == "front"]
     fwd = cloud.client.api.networks[cloud.bridge].forwards[live.fip].get().json()["metadata"]
     assert fwd["config"]["user.modelserve.target"] == front.name
-    assert fwd["config"]["target_address"] == front.address
+    # only the app port is forwarded, to the pinned address: no default target
+    assert "target_address" not in fwd["config"]
+    assert [(p["protocol"], p["listen_port"], p["target_address"], p["target_port"])
+            for p in fwd["ports"]] == [("tcp", "8080", front.address, "8080")]
     assert cloud._target_address(front.name) == front.address  # noqa: SLF001
     assert front.address not in {i.address for i in cloud.list_instances(None)
                                  if i.name != front.name}

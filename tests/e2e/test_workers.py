@@ -7,6 +7,7 @@ worker's Celery service runs and reaches that broker.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -55,3 +56,24 @@ def test_deploy_with_a_worker_instance(cloud, releases, new_env, rollout):
         octets = front.address.split(".")
         front_hex = "".join(f"{int(o):02X}" for o in reversed(octets))
         assert f"{front_hex}:{port_5672}" in conns, "worker has no connection to the broker"
+
+        # the front's broker and Redis answer on the bridge, for the worker, but the floating
+        # IP forwards the app port alone. (A bare connect proves nothing here: this machine's
+        # egress proxy accepts TCP to any routed address and answers HTTP 400; the check is
+        # whether the service's own protocol answers.)
+        fip = res.json["floating_ip"]
+        for port, hello, answer in ((5672, b"AMQP\x00\x00\x09\x01", b"\x01\x00\x00"),
+                                    (6379, b"PING\r\n", b"-NOAUTH")):
+            assert _answers(front.address, port, hello).startswith(answer), (front.address, port)
+            through_fip = _answers(fip, port, hello)
+            assert not through_fip.startswith(answer), f"floating IP {fip} forwards port {port}"
+
+
+def _answers(host: str, port: int, hello: bytes) -> bytes:
+    """What a service on host:port says to ``hello`` (b"" if nothing answers within 3 s)."""
+    try:
+        with socket.create_connection((host, port), timeout=3) as sock:
+            sock.sendall(hello)
+            return sock.recv(64)
+    except OSError:
+        return b""
