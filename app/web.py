@@ -14,13 +14,14 @@ from flask import Blueprint, Flask, current_app, g, jsonify, render_template, re
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from app import __version__
+from app import __version__, charts
 from app.bundle import Bundle, load_bundle
 from app.config import Config, load_config
 from app.dispatch import Unavailable
 from app.identity import IDENTITY_KEYS, read_release_file
 from app.limits import ByteBudget
 from app.metrics import Metrics
+from app.protocols import register_protocols
 from app.schema import ValidationError, parse_json, validate_instances
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -180,9 +181,21 @@ def metrics():
     return generate_latest(state["metrics"].registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
+def _charts() -> charts.Charts:
+    """The page's figures and SVGs, computed once per process from the bundle's held-out rows
+    (two threads racing here both compute the same value; one wins)."""
+    state = _state()
+    if "charts" not in state:
+        bundle: Bundle = state["bundle"]
+        state["charts"] = charts.build(bundle.metadata["holdout_sample"], bundle.threshold)
+    return state["charts"]
+
+
 @pages.route("/", methods=["GET", "POST"])
 def index():
-    """The model page: metrics, the held-out table and a form to score one patient."""
+    """The model page: metrics, charts of the held-out predictions, the held-out table and a
+    form to score one patient (server-side, no JavaScript); the score is marked on the
+    distribution chart."""
     state = _state()
     bundle: Bundle = state["bundle"]
     result = error = None
@@ -204,12 +217,16 @@ def index():
             probabilities, _ = state["client"].predict(rows)
             result = {"probability": probabilities[0], "label": int(probabilities[0] >= bundle.threshold)}
         except ValidationError as exc:
-            error, status = f"{exc.field}: {exc.message}", 400
+            # the form names the input, not the JSON path of the API (instances[0].glu -> glu)
+            field = exc.field.removeprefix("instances[0].")
+            error, status = {"field": field, "message": exc.message}, 400
         except Unavailable as exc:
-            error, status = f"prediction unavailable: {exc}", 503
+            error, status = {"field": None, "message": f"prediction unavailable: {exc}"}, 503
+    figures = _charts()
+    distribution = figures.distribution(result["probability"] if result else None)
     return render_template("index.html", bundle=bundle, meta=bundle.metadata,
                            config=state["config"], result=result, error=error,
-                           values=values), status
+                           values=values, charts=figures, distribution=distribution), status
 
 
 def create_app(config: Config | None = None, bundle: Bundle | None = None,
@@ -231,6 +248,7 @@ def create_app(config: Config | None = None, bundle: Bundle | None = None,
                                     "image": read_release_file(config.release_file)}
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    register_protocols(app)  # /v2 (Open Inference Protocol) and /v1 (TF Serving)
 
     @app.before_request
     def _start_timer():

@@ -6,6 +6,8 @@ All three run on this machine in one invocation, each behind the same waitress s
 are loaded with wrk (POST of one patient) at 1, 16 and 64 connections; bulk scoring sends one
 10 000-row request. Results are ratios against the in-process floor measured in the same run.
   (a) broker:    waitress → micro-batcher → RabbitMQ → Celery worker (tf.function) → Redis
+  (a') infer:    the same server and path, through the Open Inference Protocol (KServe V2)
+                 POST /v2/models/<name>/infer with one FP32 [1, 7] tensor (app/protocols.py)
   (b) inprocess: waitress → the same compiled model inside the web process (the floor)
   (c) seed:      waitress → load the model and model.predict() per request (the seed's way)
 """
@@ -30,6 +32,9 @@ sys.path.insert(0, str(ROOT))
 from devtools import services as svc  # noqa: E402
 
 ROW = {"npreg": 1, "glu": 89, "bp": 66, "skin": 23, "bmi": 28.1, "ped": 0.167, "age": 21}
+# the V2 infer path: one FP32 [1, 7] tensor in the metadata's feature order (ROW's order)
+INFER_BODY = json.dumps({"inputs": [{"name": "features", "shape": [1, 7], "datatype": "FP32",
+                                     "data": list(ROW.values())}]})
 LUA = """wrk.method = "POST"
 wrk.body = '%s'
 wrk.headers["Content-Type"] = "application/json"
@@ -75,13 +80,14 @@ def serve_inprocess(port: int, seed: bool) -> None:
                    connection_limit=1000, channel_timeout=30, _quiet=True)
 
 
-def wrk(url: str, connections: int, duration: int, body: str) -> dict:
+def wrk(url: str, connections: int, duration: int, body: str,
+        endpoint: str = "/api/v1/predictions") -> dict:
     """rps, p50/p99 (ms) and failed responses of a wrk run."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(LUA % body)
     threads = min(2, connections)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-                          "--timeout", "10s", "-s", fh.name, url + "/api/v1/predictions"],
+                          "--timeout", "10s", "-s", fh.name, url + endpoint],
                          capture_output=True, text=True, check=True).stdout
     os.unlink(fh.name)
 
@@ -131,7 +137,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median kept)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/latest.json")
-    parser.add_argument("--paths", default="broker,inprocess,seed", help="comma-separated subset")
+    parser.add_argument("--paths", default="broker,infer,inprocess,seed",
+                        help="comma-separated subset")
     parser.add_argument("--levels", default="1,16,64", help="connection counts")
     parser.add_argument("--no-bulk", action="store_true", help="skip the 10 000-row request")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -144,6 +151,11 @@ def main() -> int:
         return 0
     base, broker, redis, env = svc.bench_stack("modelserve-bench-", args.set)
     body = json.dumps({"instances": [ROW]})
+    from app.bundle import load_bundle
+
+    # what each path's wrk run posts, and where ("infer" is the broker server's V2 route)
+    requests_of = {name: (body, "/api/v1/predictions") for name in ("broker", "inprocess", "seed")}
+    requests_of["infer"] = (INFER_BODY, f"/v2/models/{load_bundle(verify=False).metadata['name']}/infer")
     results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
                      "duration_s": args.duration, "rounds": args.rounds, "paths": {}}
     names = args.paths.split(",")
@@ -151,9 +163,12 @@ def main() -> int:
     procs, urls = [], {}
     try:
         for name in names:  # all servers up at once, so rounds can interleave the paths
+            if name == "infer" and "broker" in urls:  # the same server, another protocol
+                urls[name] = urls["broker"]
+                continue
             port = svc.free_port()
             urls[name] = url = f"http://127.0.0.1:{port}"
-            if name == "broker":
+            if name in ("broker", "infer"):
                 procs.append(svc.start_worker(env, base / "worker.log"))
                 procs.append(svc.start_web(env, base / "web.log", port))
                 wait_ready(url)
@@ -171,10 +186,11 @@ def main() -> int:
                 for name in names:
                     if name == "seed" and c != 1:
                         continue
-                    runs.setdefault((name, f"c{c}"), []).append(wrk(urls[name], c, args.duration, body))
+                    runs.setdefault((name, f"c{c}"), []).append(
+                        wrk(urls[name], c, args.duration, *requests_of[name]))
             if not args.no_bulk:
                 for name in names:
-                    if name != "seed":
+                    if name not in ("seed", "infer"):
                         runs.setdefault((name, "bulk"), []).append(bulk(urls[name], 10_000, 3))
             print(f"bench: round {r + 1}/{args.rounds} done", file=sys.stderr)
         for (name, level), samples in runs.items():
@@ -189,7 +205,7 @@ def main() -> int:
         redis.stop()
         broker.stop()
     results["machine"]["loadavg_end"] = os.getloadavg()[0]
-    if set(results["paths"]) != {"broker", "inprocess", "seed"} or args.no_bulk:
+    if not {"broker", "inprocess", "seed"} <= set(results["paths"]) or args.no_bulk:
         print(json.dumps(results["paths"], indent=1))
         return 0
     b, i = results["paths"]["broker"], results["paths"]["inprocess"]
@@ -205,6 +221,11 @@ def main() -> int:
         "bulk_over_inprocess_rows": round(b["bulk"]["rows_per_s"] / i["bulk"]["rows_per_s"], 3),
         "broker_over_seed_c1": round(b["c1"]["rps"] / results["paths"]["seed"]["c1"]["rps"], 1),
     })
+    if "infer" in results["paths"]:  # the V2 protocol's cost over the native API, same server
+        v2 = results["paths"]["infer"]
+        results.update({f"infer_over_broker_{lv}": round(v2[lv]["rps"] / b[lv]["rps"], 3)
+                        for lv in v2 if lv in b})
+        results["infer_p50_ms_c1"] = v2["c1"]["p50_ms"] if "c1" in v2 else None
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -232,6 +253,9 @@ def print_table(r: dict) -> None:
     print(f"broker p50 at 1 conn: {r['p50_ms_c1']:.2f} ms (goal <= 5)")
     print(f"bulk rows/s broker/inprocess: {r['bulk_over_inprocess_rows']:.2f} (goal >= 0.5)")
     print(f"broker vs seed at 1 conn: {r['broker_over_seed_c1']:.0f}x the requests/s")
+    ratios = [f"c{k.rsplit('_c', 1)[1]} {v:.2f}" for k, v in r.items() if k.startswith("infer_over_broker_")]
+    if ratios:
+        print(f"V2 infer / native predictions req/s: {', '.join(ratios)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ set -Eeuo pipefail
 trap 'echo "setup.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(rabbitmq-server redis-server wrk shellcheck cloud-init)
+APT_PACKAGES=(rabbitmq-server redis-server wrk shellcheck cloud-init chromium chromium-driver)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 CACHE_ROOT=${MODELSERVE_CACHE:-/var/cache/modelserve}
@@ -69,6 +69,29 @@ build_venv() {
   echo "$want" >"$dir/.installed"
 }
 
+install_kserve_venv() {
+  # The KServe SDK's REST client (tests/integration/test_protocols.py) cannot share .venv's
+  # pins: its own venv, cached the same way, linked as .venv-kserve.
+  local want cached
+  want=$( { cat requirements-kserve.txt; "$PYTHON" -c 'import sys; print(sys.version)'; } \
+          | sha256sum | cut -c1-16)
+  cached="$CACHE_ROOT/venvs/kserve-$want"
+  mkdir -p "$CACHE_ROOT/venvs"
+  exec 8>"$CACHE_ROOT/venvs/.lock"
+  flock -w 1200 8 || { log "another set-up holds the venv cache lock"; exit 1; }
+  if [[ ! -f $cached/.installed || $(cat "$cached/.installed") != "$want" ]]; then
+    rm -rf "$cached"
+    log "creating $cached (the KServe SDK, for the protocol tests)"
+    "$PYTHON" -m venv "$cached"
+    "$cached/bin/pip" install -q --disable-pip-version-check --no-deps \
+      -r requirements-kserve.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
+    echo "$want" >"$cached/.installed"
+  fi
+  exec 8>&-
+  ln -sfn "$cached" .venv-kserve
+}
+
 if [[ ${1:-} != --venv-only ]]; then install_apt; fi
 install_venv
+if [[ ${1:-} != --venv-only ]]; then install_kserve_venv; fi
 log "ready: $VENV ($("$VENV/bin/python" --version))"
