@@ -87,7 +87,7 @@ def test_bake_goes_to_the_test_project_only(baked):
               check=False).returncode == 0
 
 
-def test_front_boots_serving_the_bundle(baked, launch):
+def test_front_boots_serving_the_bundle(baked, launch, tmp_path):
     user_data, creds = seed("front", baked["release"])
     inst = boot(launch, baked["image"], user_data)
     base = f"http://{inst.ipv4()}:8080"
@@ -102,6 +102,30 @@ def test_front_boots_serving_the_bundle(baked, launch):
     assert body["model"]["sha256"] == META["sha256"]
     status, version = http(f"{base}/version")
     assert version["release"] == baked["release"] and version["model_sha256"] == META["sha256"]
+
+    # every file holding a password is private to root and the service's group, and no
+    # process has a password on its command line
+    # (the patterns go in a root-only file, so no command line of this check holds them)
+    patterns = tmp_path / "patterns"
+    patterns.write_text("\n".join((creds["password"], creds["redis"])) + "\n")
+    sh("lxc", "file", "push", "--mode", "0600", str(patterns), f"{inst.name}/root/.ms-scan")
+    holders = [p for p in sh("lxc", "exec", inst.name, "--", "sh", "-c",
+                             "grep -rlF -D skip -f /root/.ms-scan /etc /var/lib/cloud /run /opt /var/log "
+                             "/root /tmp 2>/dev/null; true").stdout.split()
+               if p != "/root/.ms-scan"]
+    assert "/etc/modelserve/instance.env" in holders, holders  # the scan sees the secrets
+    modes = {path: inst.exec("stat", "-c", "%a %U %G", path).split() for path in holders}
+    readable = {p: m for p, m in modes.items()
+                if int(m[0], 8) & 0o007 or m[2] not in ("root", "rabbitmq", "redis", "modelserve")}
+    # (before this test runs rabbitmqctl/redis-cli with the passwords: journald records
+    # every logging process's command line)
+    logged = inst.exec("sh", "-c", "journalctl -o export --no-pager | grep -a -F -f /root/.ms-scan "
+                       "| cut -c1-300; true")
+    assert not logged, f"the journal holds a password:\n{logged[:3000]}"
+    assert not readable, f"world-readable or foreign-group files hold a password: {readable}"
+    cmdlines = sh("lxc", "exec", inst.name, "--", "sh", "-c",
+                  "grep -lF -f /root/.ms-scan /proc/[0-9]*/cmdline 2>/dev/null; true").stdout.split()
+    assert not cmdlines, [inst.exec("cat", c, check=False) for c in cmdlines]
 
     # services run as the non-root service user
     uid = int(inst.exec("id", "-u", "modelserve"))
