@@ -164,3 +164,47 @@ def test_broker_down_gives_503_quickly_and_recovers(fstack, holdout):
     fstack.wait_ready()
     r = requests.post(fstack.url + "/api/v1/predictions", json={"instances": instances[:1]}, timeout=10)
     assert r.status_code == 200 and abs(r.json()["predictions"][0]["probability"] - expected[0]) < 2e-6
+
+
+def test_sigterm_warm_shutdown_finishes_running_tasks_and_loses_none(holdout):
+    """SIGTERM to the worker's main process (what systemd sends with the unit's KillMode=mixed)
+    is Celery's warm shutdown: it stops consuming, finishes what its pool is computing and exits
+    0; what it had not started goes back to the queue. Tasks keep being accepted throughout,
+    and a new worker completes every one: nothing accepted is lost or failed."""
+    instances, expected = holdout
+    s = build_stack(predict_timeout=TIMEOUT, MODELSERVE_LOG_LEVEL="INFO")
+    stop = threading.Event()
+    urls: list[str] = []
+
+    def submit():
+        while not stop.is_set():
+            urls.extend(submit_bulk(s, instances, tasks=1))
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            feeders = [pool.submit(submit) for _ in range(2)]
+            worker = s.workers.pop()
+            log = s.base / "worker-0.log"
+            deadline = time.monotonic() + 60
+            while "succeeded in" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the worker is busy with the 10 000-row tasks
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(150) == 0, log.read_text()[-3000:]  # warm, not killed
+            accepted_meanwhile = len(urls)
+            time.sleep(1)
+            s.start_worker()
+            time.sleep(2)
+            stop.set()
+            for f in feeders:
+                f.result()
+        text = log.read_text()
+        assert "warm shutdown" in text.lower(), text[-3000:]
+        assert "WorkerLostError" not in text and "exited with" not in text, text[-3000:]
+        assert len(urls) > accepted_meanwhile > 0  # accepted before, during and after
+        for body in (poll_task(s, u, timeout=120) for u in urls):
+            assert body.get("state") == "SUCCESS", (body, s.logs())
+            got = [p["probability"] for p in body["predictions"][:332]]
+            assert got == pytest.approx(expected, abs=2e-6)
+    finally:
+        stop.set()
+        teardown_stack(s)
