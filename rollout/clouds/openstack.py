@@ -22,10 +22,13 @@ external network), ``MODELSERVE_OS_SECURITY_GROUP`` (default modelserve if it ex
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
 
 import openstack
 from keystoneauth1 import exceptions as ks_exc
@@ -53,6 +56,26 @@ TAG = "modelserve"
 META = "modelserve_"
 HISTORY_TAG = "h:"
 _GONE = ("DELETED", "SOFT_DELETED")
+
+
+MUTEX_STALE_S = 60.0
+MUTEX_WAIT_S = 90.0
+
+
+def mutex_mac(env: str) -> str:
+    """A locally administered unicast MAC derived from the env name (the creation mutex)."""
+    digest = hashlib.sha256(f"modelserve-env-{env}".encode()).digest()
+    return "02:6d:73:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def _age_s(created_at: str | None) -> float:
+    try:
+        when = datetime.fromisoformat(str(created_at).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - when).total_seconds()
 
 
 def env_tag(env: str) -> str:
@@ -322,24 +345,63 @@ class OpenStackCloud(CloudBase):
         return self._to_fip(ips[0])
 
     def create_floating_ip(self, env: str, address: str | None = None) -> FloatingIP:
-        """Allocate from the external network, tag it; Conflict if another run won a race."""
-        kwargs = {"floating_network_id": self._external_id(),
-                  "description": FipState().encode()}
-        if address:
-            kwargs["floating_ip_address"] = address
-        with self._errors(f"allocating a floating IP for env {env}"):
-            ip = self.conn.network.create_ip(**kwargs)
-        try:
-            with self._errors(f"tagging floating IP {ip.floating_ip_address}"):
-                self.conn.network.set_tags(ip, [TAG, env_tag(env)])
-            found = self.find_floating_ip(env)
-        except BaseException:
-            self._release_quietly(ip.id)
-            raise
+        """Allocate from the external network and tag it, under the env's creation mutex;
+        Conflict if the env already has one (another run created it first)."""
+        with self._creation_mutex(env):
+            if self.find_floating_ip(env) is not None:
+                raise Conflict(f"floating IP of env {env} was created concurrently; use it")
+            kwargs = {"floating_network_id": self._external_id(),
+                      "description": FipState().encode()}
+            if address:
+                kwargs["floating_ip_address"] = address
+            with self._errors(f"allocating a floating IP for env {env}"):
+                ip = self.conn.network.create_ip(**kwargs)
+            try:
+                with self._errors(f"tagging floating IP {ip.floating_ip_address}"):
+                    self.conn.network.set_tags(ip, [TAG, env_tag(env)])
+                found = self.find_floating_ip(env)
+            except BaseException:
+                self._release_quietly(ip.id)
+                raise
         if found is None or found.id != ip.id:
             self._release_quietly(ip.id)
             raise Conflict(f"floating IP of env {env} was created concurrently; retry")
         return found
+
+    @contextmanager
+    def _creation_mutex(self, env: str) -> Iterator[None]:
+        """Serialise the creation of env's floating IP (invariant I11).
+
+        Neutron orders floating IPs by a created_at of one-second resolution, so "the oldest
+        tagged IP wins" let two racing runs each see itself first. Neutron refuses a second
+        port with the same MAC address on a network (409): a port on the project network whose
+        MAC is derived from the env name is an atomic mutex. A holder older than
+        MUTEX_STALE_S (a run killed between create and delete) is broken."""
+        net, mac = self._network_id(), mutex_mac(env)
+        name = f"modelserve-mutex-{env}"
+        deadline = time.monotonic() + MUTEX_WAIT_S
+        while True:
+            with self._errors(f"taking the floating-IP mutex of env {env}"):
+                try:
+                    port = self.conn.network.create_port(network_id=net, mac_address=mac,
+                                                         name=name, fixed_ips=[])
+                    break
+                except os_exc.ConflictException:  # held: by a live run, or a stale one
+                    self._break_stale_mutex(net, mac)
+            if time.monotonic() > deadline:
+                raise TransientCloudError(f"the floating-IP mutex of env {env} ({name}) is "
+                                          f"held for over {MUTEX_WAIT_S:.0f} s; retry")
+            time.sleep(random.uniform(0.1, 0.3))
+        try:
+            yield
+        finally:
+            with suppress(Exception):  # a leftover is broken by the next run once stale
+                self.conn.network.delete_port(port.id, ignore_missing=True)
+
+    def _break_stale_mutex(self, net: str, mac: str) -> None:
+        for port in self.conn.network.ports(network_id=net, mac_address=mac):
+            if _age_s(port.created_at) > MUTEX_STALE_S:
+                self.conn.network.delete_port(port.id, ignore_missing=True)
 
     def _release_quietly(self, fip_id: str) -> None:
         try:

@@ -231,3 +231,31 @@ def test_plan_with_nothing_live_never_picks_a_bad_newest_image(os_env, conn, rel
         for image in made:
             conn.image.delete_image(image.id, ignore_missing=True)
     assert not list(conn.network.ips(tags=f"modelserve-env-{env_name}"))  # I9: nothing made
+
+
+def test_floating_ip_creation_mutex_is_exclusive_and_a_stale_one_is_broken(
+        cloud, conn, env_name, monkeypatch):
+    """I11 on OpenStack: creating an env's floating IP runs under a Neutron port whose MAC is
+    derived from the env (a second port with that MAC is refused): while one run holds it, a
+    second waits (and gives up with a transient error); a holder past MUTEX_STALE_S is broken."""
+    from rollout.clouds import openstack as osc
+    from rollout.errors import TransientCloudError
+
+    monkeypatch.setattr(osc, "MUTEX_WAIT_S", 2.0)
+    other = osc.OpenStackCloud()
+    with cloud._creation_mutex(env_name):  # noqa: SLF001
+        mutexes = list(conn.network.ports(mac_address=osc.mutex_mac(env_name)))
+        assert [p.name for p in mutexes] == [f"modelserve-mutex-{env_name}"]
+        with pytest.raises(TransientCloudError, match="mutex"):
+            other.create_floating_ip(env_name)
+        # the waiting run created nothing
+        assert list(conn.network.ips(tags=f"modelserve-env-{env_name}")) == []
+    assert list(conn.network.ports(mac_address=osc.mutex_mac(env_name))) == []
+    # a run killed while holding it leaves the port: once stale, the next run breaks it
+    net = other._network_id()  # noqa: SLF001
+    conn.network.create_port(network_id=net, mac_address=osc.mutex_mac(env_name),
+                             name=f"modelserve-mutex-{env_name}", fixed_ips=[])
+    monkeypatch.setattr(osc, "MUTEX_STALE_S", 0.0)
+    fip = other.create_floating_ip(env_name)
+    assert fip.env == env_name and fip_of(conn, env_name).id == fip.id
+    assert list(conn.network.ports(mac_address=osc.mutex_mac(env_name))) == []
