@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from enum import IntEnum
@@ -23,9 +24,10 @@ from rich.table import Table
 
 from app.release_id import RULE as RELEASE_RULE
 from app.release_id import is_release_id
-from rollout import cancel, executor, redact
+from rollout import analysis, cancel, executor, notify, redact
 from rollout.clouds import default_cloud_name, open_cloud
 from rollout.errors import (
+    AnalysisFailed,
     Cancelled,
     CloudError,
     DeployLocked,
@@ -51,6 +53,7 @@ class ExitCode(IntEnum):
     UNHEALTHY = 5  # the green instance failed its health gate / post-switch check
     CLOUD = 6  # the cloud failed (permanent error, or transient errors beyond the budget)
     TIMEOUT = 7  # a wait ran out of time
+    ANALYSIS_FAILED = 8  # the post-switch analysis failed: switched back (or, first deploy, left)
     SIGHUP = 129  # hang-up (after undo)
     INTERRUPTED = 130  # SIGINT / Ctrl-C (after undo)
     SIGTERM = 143  # terminated (after undo)
@@ -96,6 +99,12 @@ def _env_name(text: str) -> str:
     return text
 
 
+def _url(text: str) -> str:
+    if not notify.valid_url(text):
+        raise argparse.ArgumentTypeError(f"{notify.redact_url(text)!r}: not an http(s) URL")
+    return text
+
+
 def _release_name(text: str) -> str:
     if not is_release_id(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {RELEASE_RULE}")
@@ -129,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
     p = _Parser(prog="python -m rollout",
-                                description="Blue-green releases of modelserve images.")
+                                description="Blue-green releases of modelserve images.",
+                                epilog="exit status: 0 ok, 1 error, 2 usage, 3 refused, 4 "
+                                       "locked, 5 unhealthy, 6 cloud error, 7 timeout, 8 "
+                                       "post-switch analysis failed (switched back), 130/143/"
+                                       "129 signal (after undo)")
     p.add_argument("--version", action="version", version=f"modelserve-rollout {version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -147,9 +160,34 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--min-accuracy", type=_float_in(0.0, 1.0, "--min-accuracy"),
                         default=None, help="quality floor (default: the image's)")
 
+    def analysis_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--analysis-window", type=_float_in(0.0, 86400.0, "--analysis-window"),
+                        default=None, metavar="SECONDS",
+                        help="after the switch, probe the new release this long and switch "
+                             f"back on a breach (exit {int(ExitCode.ANALYSIS_FAILED)}); 0: off "
+                             f"(default {analysis.DEFAULT_WINDOW_S:g}, or ${analysis.WINDOW_ENV})")
+        sp.add_argument("--max-error-rate", type=_float_in(0.0, 1.0, "--max-error-rate"),
+                        default=analysis.Thresholds.max_error_rate,
+                        help="analysis: highest error rate (5xx, timeouts, connection "
+                             "failures) allowed (default 0.01)")
+        sp.add_argument("--max-p99-ratio",
+                        type=_float_in(0.0, None, "--max-p99-ratio", open_low=True),
+                        default=analysis.Thresholds.max_p99_ratio,
+                        help="analysis: p99 may reach this x the baseline's p99 ... (default 3)")
+        sp.add_argument("--p99-slack-ms", type=_float_in(0.0, None, "--p99-slack-ms"),
+                        default=analysis.Thresholds.p99_slack_ms,
+                        help="... plus this many ms (default 50)")
+
+    def notify_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--notify", type=_url, action="append", default=[], metavar="URL",
+                        help="POST a CloudEvent at each step of the run (repeatable; also "
+                             f"${notify.NOTIFY_ENV}, comma or space separated)")
+
     sp = sub.add_parser("deploy", parents=[common], help="deploy a release (blue-green)")
     deploy_args(sp)
     sp.add_argument("--no-probe", action="store_true", help="no load probe during the switch")
+    analysis_args(sp)
+    notify_arg(sp)
     sp.add_argument("--boot-timeout", type=_float_in(0.0, None, "--boot-timeout", open_low=True),
                     default=180.0, help="seconds an instance may take to boot (> 0)")
     sp.add_argument("--health-timeout",
@@ -161,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", type=_release_name, default=None,
                     help="a warm release to switch to (default: the previous one)")
     sp.add_argument("--no-probe", action="store_true")
+    notify_arg(sp)
     sub.add_parser("status", parents=[common], help="live/previous release, instances, images")
     sub.add_parser("history", parents=[common], help="the env's switches, oldest first")
     sp = sub.add_parser("cleanup", parents=[common],
@@ -221,6 +260,11 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
         return int(exc.code or 0) if isinstance(exc.code, int) else ExitCode.USAGE
     except Cancelled as exc:
         return exc.exit_code
+    try:
+        _resolve_env_args(args)
+    except ValueError as exc:  # a bad environment variable: usage, nothing touched
+        err.print(f"error: {args.command}: {exc}", markup=False, highlight=False)
+        return ExitCode.USAGE
     if args.command == "destroy" and not args.yes:
         err.print(f"[red]error:[/] destroy stops env {args.env}'s live release: add --yes")
         return ExitCode.USAGE
@@ -233,12 +277,19 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
         stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         stdout.flush()
 
+    stack = contextlib.ExitStack()
     try:
         cloud = cloud or open_cloud(cloud_name)
         ctx = executor.Context(cloud=cloud, env=args.env, reporter=executor.Reporter(err))
+        if getattr(args, "notify", None):
+            ctx.notifier = notify.Notifier(args.notify, args.env, warn=ctx.reporter.warn)
+            stack.callback(ctx.notifier.close)  # bounded: at most 1 s
         if args.command == "deploy":
             ctx.probe = not args.no_probe
             ctx.boot_timeout, ctx.health_timeout = args.boot_timeout, args.health_timeout
+            ctx.analysis_window = args.analysis_window
+            ctx.thresholds = analysis.Thresholds(args.max_error_rate, args.max_p99_ratio,
+                                                 args.p99_slack_ms)
             if configure:
                 configure(ctx)
             res = executor.deploy(ctx, _deploy_request(args, ctx.deploy_id))
@@ -269,7 +320,8 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
             if not args.json:
                 for e in res:
                     stdout.write(f"{e['at']}  {e['action']:<8} {e['from_release'] or '-'} -> "
-                                 f"{e['release']}  (deploy {e['deploy_id']})\n")
+                                 f"{e['release']}  (deploy {e['deploy_id']})"
+                                 + (f"  {e['detail']}" if e.get("detail") else "") + "\n")
         elif args.command == "cleanup":
             res = executor.cleanup(ctx, keep=args.keep, images=args.images,
                                    break_lock=args.break_lock)
@@ -294,17 +346,42 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
         err.print("[red]error:[/] ", end="")
         err.print(also_text(exc), soft_wrap=True, markup=False)
         if args.json:
-            emit({"error": also_text(exc), "type": type(exc).__name__})
+            out = {"error": also_text(exc), "type": type(exc).__name__}
+            if isinstance(exc, AnalysisFailed) and exc.verdict is not None:
+                out.update(analysis=exc.verdict.to_dict(), rolled_back=exc.rolled_back)
+            emit(out)
         return _code_for(exc)
+    finally:
+        stack.close()
 
 
 def _code_for(exc: RolloutError) -> ExitCode:
-    for cls, code in ((PlanError, ExitCode.PLAN), (DeployLocked, ExitCode.LOCKED),
+    for cls, code in ((AnalysisFailed, ExitCode.ANALYSIS_FAILED), (PlanError, ExitCode.PLAN),
+                      (DeployLocked, ExitCode.LOCKED),
                       (HealthCheckFailed, ExitCode.UNHEALTHY), (WaitTimeout, ExitCode.TIMEOUT),
                       (CloudError, ExitCode.CLOUD)):
         if isinstance(exc, cls):
             return code
     return ExitCode.ERROR
+
+
+def _resolve_env_args(args: argparse.Namespace) -> None:
+    """Defaults from the environment (validated like the flags; ValueError names the bad
+    variable): ``MODELSERVE_ANALYSIS_WINDOW`` and ``MODELSERVE_NOTIFY_URL``."""
+    if hasattr(args, "analysis_window") and args.analysis_window is None:
+        text = os.environ.get(analysis.WINDOW_ENV, "").strip()
+        try:
+            args.analysis_window = (
+                _float_in(0.0, 86400.0, analysis.WINDOW_ENV)(text) if text
+                else analysis.DEFAULT_WINDOW_S)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"{analysis.WINDOW_ENV}: {exc}") from None
+    if hasattr(args, "notify"):
+        for url in notify.urls_from_env():
+            if not notify.valid_url(url):
+                raise ValueError(f"{notify.NOTIFY_ENV}: {notify.redact_url(url)!r} is not an "
+                                 "http(s) URL")
+            args.notify.append(url)
 
 
 def _deploy_request(args: argparse.Namespace, deploy_id: str) -> DeployRequest:
@@ -319,6 +396,10 @@ def _closing(err: Console, res: dict) -> None:
         return
     probe = res.get("probe")
     probe_txt = (f", probe {probe['failed']} failed / {probe['total']}" if probe else "")
+    verdict = res.get("analysis")
+    if verdict:
+        probe_txt += (f", analysis {verdict['outcome']}: {verdict['now']['requests']} requests, "
+                      f"{verdict['now']['error_rate']:.2%} errors")
     err.print(f"[bold green]{res['action']} done[/]: {res['release']} is live in {res['env']} at "
               f"{res['url']} ({res['seconds']}s{probe_txt})")
     for item in res.get("leftovers") or []:

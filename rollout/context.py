@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from rollout.analysis import Thresholds
 from rollout.bounded import BoundedCloud
 from rollout.clouds.base import Lock
 from rollout.errors import WaitTimeout
+from rollout.notify import Notifier
 from rollout.report import Reporter
 
 #: the lease a run's lock carries; renewed before every step (and while paused by the hook).
@@ -75,6 +77,11 @@ class Context:
     flavor: str = ""
     port: int = 8080
     lease_s: float = LEASE_S
+    # post-switch analysis (rollout/analysis.py): seconds (0: off; the CLI's default is 30)
+    analysis_window: float = 0.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    # deploy notifications (rollout/notify.py); None: none
+    notifier: Notifier | None = None
     # test hook: called with each step before it runs (fault injection at the step boundary)
     before_step: Callable[[object], None] | None = None
     # set by lock.env_lock: the lock this run holds (renewed), the one it took over

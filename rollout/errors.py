@@ -31,6 +31,15 @@ class HealthCheckFailed(RolloutError):
     """An instance did not pass the health gate (readyz, prediction, model sha256, version)."""
 
 
+class AnalysisFailed(RolloutError):
+    """The post-switch analysis found the new release worse than the baseline (exit 8); the
+    floating IP was switched back to the previous live release (or, with none, left)."""
+
+    def __init__(self, message: str, verdict: object = None, rolled_back: bool = True):
+        super().__init__(message)
+        self.verdict, self.rolled_back = verdict, rolled_back
+
+
 class CloudError(RolloutError):
     """A cloud API call failed permanently (bad request, quota, instance in ERROR)."""
 

@@ -16,10 +16,11 @@ Module map: ``context.py`` (Context, ids, test hook) · ``lock.py`` · ``report.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 
-from rollout import cancel, health
+from rollout import analysis, cancel, health
 from rollout.clouds.base import (
     Deployment,
     FipState,
@@ -37,6 +38,7 @@ from rollout.context import (  # noqa: F401 - re-exported
     utcnow,
 )
 from rollout.errors import (
+    AnalysisFailed,
     CloudError,
     DeployLocked,
     HealthCheckFailed,
@@ -44,6 +46,7 @@ from rollout.errors import (
     RolloutError,
     WaitTimeout,
     add_also,
+    also_text,
 )
 from rollout.lock import env_lock, renew  # noqa: F401 - re-exported
 from rollout.planner import (
@@ -80,7 +83,13 @@ class Executor:
         self.by_name: dict[str, Instance] = {i.name: i for i in observed.instances}
         self.created: list[str] = []
         self.switched_from: FloatingIP | None = None  # FIP as it was before our switch
+        self.switched_to: str | None = None  # the port our switch pointed it at
         self.verified = False
+        # committed: the new release is the truth (verified, and its analysis passed or
+        # there is nothing to roll back to); before that, undo switches back
+        self.committed = False
+        self.baseline: analysis.Baseline | None = None
+        self.verdict: analysis.Verdict | None = None
         self.leftovers: list[str] = []
         self.timings: dict[str, float] = {}
         self.probe_result: health.ProbeResult | None = None
@@ -106,6 +115,12 @@ class Executor:
                     getattr(self, f"do_{step.kind}")(step)
                 self.timings[step.kind] = round(
                     self.timings.get(step.kind, 0) + time.monotonic() - t0, 3)
+                if step.kind == "health_gate":
+                    self.notify("gated")
+                elif step.kind == "switch":
+                    self.notify("switched" if self.plan.action == "deploy" else "rolled_back")
+                elif step.kind == "verify" and self._analysis_pending():
+                    self.analyse()  # before any retire step: blue stays warm until it passes
         except BaseException as exc:
             self.undo(exc)
             raise
@@ -132,8 +147,103 @@ class Executor:
             "seconds": round(time.monotonic() - self.started, 3),
             "switch_to_traffic_s": self.result.get("switch_to_traffic_s"),
             "probe": self.probe_result.to_dict() if self.probe_result else None,
+            "analysis": self.verdict.to_dict() if self.verdict else None,
             "leftovers": self.leftovers,
         }
+
+    # -- notifications and history ---------------------------------------------------------
+    def event_data(self, reason: str = "") -> dict:
+        """``data`` of a notification: who, what, why, and the figures so far."""
+        return {"env": self.ctx.env, "action": self.plan.action, "release": self.plan.release,
+                "from_release": self.observed.live, "deploy_id": self.ctx.deploy_id,
+                "reason": reason,
+                "figures": {"timings": dict(self.timings),
+                            "switch_to_traffic_s": self.result.get("switch_to_traffic_s"),
+                            "probe": self.probe_result.to_dict() if self.probe_result else None,
+                            "analysis": self.verdict.to_dict() if self.verdict else None}}
+
+    def notify(self, event: str, reason: str = "") -> None:
+        """Queue a notification (never fails, never waits: rollout/notify.py)."""
+        if self.ctx.notifier is not None:
+            self.ctx.notifier.emit(event, self.event_data(reason))
+
+    def _record(self, action: str, release: str, from_release: str, detail: str = "") -> None:
+        """Append a history event (best effort: a failure is a warning)."""
+        try:
+            cur = self.ctx.cloud.find_floating_ip(self.ctx.env)
+            if cur is not None:
+                self.ctx.cloud.record_event(cur, HistoryEvent(
+                    utcnow(), action, release, from_release, self.ctx.deploy_id, detail))
+        except RolloutError as err:
+            self.ctx.reporter.warn(f"could not record history: {err}")
+
+    def _switch_action(self) -> str:
+        # an override of the quality floor or accuracy gate is part of the record
+        forced = any("overridden (--force)" in n for n in self.plan.notes)
+        return self.plan.action + ("-forced" if forced else "")
+
+    # -- post-switch analysis ----------------------------------------------------------------
+    def _analysis_pending(self) -> bool:
+        return self.plan.action == "deploy" and self.ctx.analysis_window > 0
+
+    def analyse(self) -> None:
+        """Probe the new release through the floating IP for the analysis window and judge
+        it against the baseline (``analysis.py``). Passed: commit, record the switch with the
+        figures. Breach: switch back at once to the previous live release (still warm, not
+        re-gated), record ``analysis_failed``, raise ``AnalysisFailed`` (undo then deletes
+        this run's instances). With nothing live before, the release stays live."""
+        ctx, release = self.ctx, self.plan.release or ""
+        pause_hook("analysis", keepalive=self._renew)
+        self._renew()
+        fip = ctx.cloud.find_floating_ip(ctx.env)
+        if fip is None:
+            raise CloudError(f"the floating IP of env {ctx.env} vanished")
+        blue = self.observed.live or ""
+        base = self.baseline
+        with ctx.reporter.step(f"analyse {release} through {fip.address} for "
+                               f"{ctx.analysis_window:g}s (vs "
+                               f"{'baseline of ' + blue if base else 'absolute thresholds'})"):
+            t0 = time.monotonic()
+            verdict = analysis.watch(fip.address, ctx.port, ctx.analysis_window, base,
+                                     ctx.thresholds, keepalive=self._renew)
+            self.timings["analysis"] = round(time.monotonic() - t0, 3)
+            self.verdict = verdict
+            detail = verdict.detail()
+            if verdict.passed:
+                ctx.reporter.info(f"analysis passed: {detail}")
+                self.committed = True
+                self._record(self._switch_action(), release, blue, "analysis passed " + detail)
+                self.notify("analysis_passed", verdict.reason)
+                return
+            ctx.reporter.warn(f"analysis failed: {verdict.reason} ({detail})")
+            if not blue or self.switched_from is None or not self.switched_from.target:
+                self.committed = True  # nothing to roll back to: it stays live
+                self._record("analysis_failed", release, blue, detail + " left live")
+                self.notify("analysis_failed", verdict.reason + "; left live: nothing to roll "
+                            "back to")
+                raise AnalysisFailed(
+                    f"post-switch analysis of {release} failed: {verdict.reason}; it stays "
+                    f"live in {ctx.env}: there is no previous release to roll back to "
+                    f"(deploy a fixed release: python -m rollout deploy --env {ctx.env} "
+                    "--release R)", verdict, rolled_back=False)
+            self.notify("analysis_failed", verdict.reason)
+            problems: list[str] = []
+            with cancel.deferred(raise_pending=False):
+                back = self._switch_back(problems)  # at once, no re-gate: blue is warm
+            if back:
+                self.switched_from = None  # done: undo must not move it again
+                ctx.reporter.warn(f"switched back to {blue}")
+            self._record("analysis_failed", release, blue,
+                         detail + (f" rolled back to {blue}" if back else " switch-back failed"))
+            if back:
+                self.notify("rolled_back", f"analysis failed: {verdict.reason}")
+            exc = AnalysisFailed(
+                f"post-switch analysis of {release} failed: {verdict.reason}; "
+                + (f"the floating IP serves {blue} again" if back else
+                   f"switching back to {blue} failed"), verdict, rolled_back=back)
+            for text in problems:
+                add_also(exc, text)
+            raise exc
 
     # -- undo ----------------------------------------------------------------------------
     def undo(self, exc: BaseException) -> None:
@@ -145,7 +255,7 @@ class Executor:
         and nothing it runs on is deleted (a later failure, e.g. retiring, is only reported).
         """
         ctx = self.ctx
-        if self.verified:
+        if self.committed:
             ctx.reporter.warn(f"{self.plan.release} is live and verified; a later step failed")
             return
         problems: list[str] = []
@@ -188,6 +298,8 @@ class Executor:
         ctx, old = self.ctx, self.switched_from
         assert old is not None
         ours = {i.port for n, i in self.by_name.items() if n in self.created and i.port}
+        if self.switched_to:
+            ours.add(self.switched_to)  # a reused warm front we switched to
         try:
             cur = ctx.cloud.find_floating_ip(ctx.env)
             if cur is None:
@@ -314,6 +426,9 @@ class Executor:
         ctx = self.ctx
         front = self.by_name[step.front]
         fip = ctx.cloud.find_floating_ip(ctx.env)
+        if fip is not None and self._analysis_pending() and fip.target:
+            self._baseline(step, fip)  # on the live release, before the switch
+            fip = ctx.cloud.find_floating_ip(ctx.env)  # the lease was renewed meanwhile
         if fip is None:
             raise CloudError(f"the floating IP of env {ctx.env} vanished")
         if self.lock and (not fip.state.lock or fip.state.lock.deploy_id != self.lock.deploy_id):
@@ -326,7 +441,7 @@ class Executor:
             ctx.sleep(0.15)  # let the probe see the old release first
         state = FipState(live=step.release, previous=step.previous or "",
                          lock=fip.state.lock if self.lock else None)
-        self.switched_from = fip
+        self.switched_from, self.switched_to = fip, front.port
         t0 = time.monotonic()
         try:
             ctx.cloud.update_floating_ip(fip, target=front.port, state=state,
@@ -341,16 +456,21 @@ class Executor:
                         f"switch ({dict(res.by_release)})")
                 (ctx.reporter.warn if res.failed else ctx.reporter.info)(
                     line + (f" errors: {dict(res.errors)}" if res.failed else ""))
-        try:
-            cur = ctx.cloud.find_floating_ip(ctx.env)
-            if cur is not None:
-                # an override of the quality floor or accuracy gate is part of the record
-                forced = any("overridden (--force)" in n for n in self.plan.notes)
-                ctx.cloud.record_event(cur, HistoryEvent(
-                    utcnow(), self.plan.action + ("-forced" if forced else ""), step.release,
-                    step.from_release or "", ctx.deploy_id))
-        except RolloutError as err:
-            ctx.reporter.warn(f"could not record history: {err}")
+        if not self._analysis_pending():  # else recorded with the analysis' outcome
+            self._record(self._switch_action(), step.release, step.from_release or "")
+
+    def _baseline(self, step: Switch, fip: FloatingIP) -> None:
+        """The analysis' baseline: the probe on the live release through the floating IP
+        for min(5 s, window / 3)."""
+        ctx = self.ctx
+        secs = analysis.baseline_seconds(ctx.analysis_window)
+        with ctx.reporter.step(f"baseline: probe {step.from_release or fip.target} "
+                               f"through {fip.address} for {secs:g}s"):
+            self.baseline = analysis.measure(fip.address, ctx.port, secs)
+        b = self.baseline.figures
+        ctx.reporter.info(f"baseline: {b.requests} requests, {b.error_rate:.2%} errors, "
+                          f"p50 {b.p50_ms or 0:.0f} ms, p99 {b.p99_ms or 0:.0f} ms")
+        self._renew()
 
     def _verify(self, release: str, address: str, t0: float) -> None:
         def seen() -> dict:
@@ -366,6 +486,9 @@ class Executor:
                                     f"{exc}") from exc
         self.result["switch_to_traffic_s"] = round(time.monotonic() - t0, 3)
         self.verified = True
+        # with an analysis to come and a release to go back to, not yet the truth
+        self.committed = not (self._analysis_pending() and self.switched_from is not None
+                              and bool(self.switched_from.target))
         self.ctx.reporter.info(f"{address} serves {release} "
                                f"({self.result['switch_to_traffic_s']}s after the switch)")
 
@@ -397,19 +520,36 @@ def deploy(ctx: Context, req: DeployRequest) -> dict:
         plan = plan_deploy(observed, req)
         check_spared(observed, plan)
         _notes(ctx, plan)
-        try:
-            return Executor(ctx, observed, lock, plan).apply()
-        except HealthCheckFailed as exc:
-            if not any(isinstance(s, HealthGate) and getattr(s, "reused", False)
-                       for s in plan.steps) or not hasattr(req, "reuse_warm"):
-                raise
-            ctx.reporter.warn(f"the reused warm set failed its gate ({exc}); launching a "
-                              "fresh set")
-            observed = observe(ctx)
-            plan = plan_deploy(observed, replace(req, reuse_warm=False))
-            check_spared(observed, plan)
-            _notes(ctx, plan)
-            return Executor(ctx, observed, lock, plan).apply()
+        ex = Executor(ctx, observed, lock, plan)
+        with _notified(ex):
+            try:
+                return ex.apply()
+            except HealthCheckFailed as exc:
+                if not any(isinstance(s, HealthGate) and getattr(s, "reused", False)
+                           for s in plan.steps) or not hasattr(req, "reuse_warm"):
+                    raise
+                ctx.reporter.warn(f"the reused warm set failed its gate ({exc}); launching a "
+                                  "fresh set")
+                observed = observe(ctx)
+                plan = plan_deploy(observed, replace(req, reuse_warm=False))
+                check_spared(observed, plan)
+                _notes(ctx, plan)
+                ex.__init__(ctx, observed, lock, plan)  # the same run, a fresh set
+                return ex.apply()
+
+
+@contextlib.contextmanager
+def _notified(ex: Executor):
+    """``started`` now; ``failed`` (with the reason) if the run ends by an exception other
+    than an analysis failure (which sent its own ``analysis_failed``/``rolled_back``)."""
+    ex.notify("started", "; ".join(ex.plan.notes))
+    try:
+        yield
+    except AnalysisFailed:
+        raise
+    except BaseException as exc:
+        ex.notify("failed", also_text(exc) or type(exc).__name__)
+        raise
 
 
 def rollback(ctx: Context, req: RollbackRequest) -> dict:
@@ -418,7 +558,9 @@ def rollback(ctx: Context, req: RollbackRequest) -> dict:
     with env_lock(ctx, create=False) as lock:
         observed = observe(ctx)
         plan = plan_rollback(observed, req)
-        return Executor(ctx, observed, lock, plan).apply()
+        ex = Executor(ctx, observed, lock, plan)
+        with _notified(ex):
+            return ex.apply()
 
 
 def cleanup(ctx: Context, *, keep: int, images: bool, break_lock: bool) -> dict:

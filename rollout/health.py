@@ -190,6 +190,7 @@ class ProbeResult:
     by_release: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    latencies: list = field(default_factory=list)  # seconds of each answered request (200)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -207,8 +208,10 @@ class Probe:
     """
 
     def __init__(self, address: str, *, port: int = APP_PORT, threads: int = 2,
-                 max_requests: int = 20000, max_seconds: float = 120.0, pause: float = 0.005):
+                 max_requests: int = 20000, max_seconds: float = 120.0, pause: float = 0.005,
+                 timeout: float = 5.0):
         self.url = base_url(address, port)
+        self.timeout = timeout
         self.threads, self.max_requests, self.max_seconds = threads, max_requests, max_seconds
         self.pause = pause
         self.result = ProbeResult()
@@ -218,22 +221,26 @@ class Probe:
         self._t0 = 0.0
 
     def _one(self, n: int) -> None:
+        t0 = time.monotonic()
         try:
             if n % 2:
-                r = requests.post(f"{self.url}/api/v1/predictions", json=SAMPLE, timeout=5,
-                                  headers={"Connection": "close"})
+                r = requests.post(f"{self.url}/api/v1/predictions", json=SAMPLE,
+                                  timeout=self.timeout, headers={"Connection": "close"})
                 ok = r.status_code == 200
                 release = None
             else:
-                r = requests.get(f"{self.url}/version", timeout=5,
+                r = requests.get(f"{self.url}/version", timeout=self.timeout,
                                  headers={"Connection": "close"})
                 ok = r.status_code == 200
                 release = r.json().get("release") if ok else None
             err = None if ok else f"HTTP {r.status_code}"
         except (requests.RequestException, ValueError) as exc:
             ok, release, err = False, None, type(exc).__name__
+        took = time.monotonic() - t0
         with self._lock:
             self.result.total += 1
+            if ok:
+                self.result.latencies.append(took)
             if not ok:
                 self.result.failed += 1
                 self.result.errors[err] += 1
@@ -260,6 +267,13 @@ class Probe:
             t.start()
             self._workers.append(t)
         return self
+
+    def snapshot(self) -> ProbeResult:
+        """A copy of the counts so far (the probe keeps running)."""
+        with self._lock:
+            r = self.result
+            return ProbeResult(r.total, r.failed, Counter(r.by_release), Counter(r.errors),
+                               time.monotonic() - self._t0, list(r.latencies))
 
     def stop(self) -> ProbeResult:
         """Stop, wait for in-flight requests, return the counts."""

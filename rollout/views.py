@@ -68,7 +68,8 @@ def history(ctx: Context) -> list[dict]:
     if fip is None:
         return []
     return [{"at": e.at, "action": e.action, "release": e.release,
-             "from_release": e.from_release or None, "deploy_id": e.deploy_id}
+             "from_release": e.from_release or None, "deploy_id": e.deploy_id,
+             "detail": e.detail or None}
             for e in fip.history]
 
 

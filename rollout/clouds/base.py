@@ -222,19 +222,23 @@ class HistoryEvent:
     """One switch of the floating IP (deploy or rollback), newest last in lists."""
 
     at: str  # ISO-8601 UTC
-    action: str  # deploy | rollback
+    action: str  # deploy | deploy-forced | rollback | analysis_failed
     release: str  # the release switched to
     from_release: str = ""
     deploy_id: str = ""
+    detail: str = ""  # e.g. the post-switch analysis figures (no ';'); "" for older events
 
     def encode(self) -> str:
-        """``at;action;release;from;deploy_id`` — short enough for a Neutron tag."""
-        return ";".join([self.at, self.action, self.release, self.from_release, self.deploy_id])
+        """``at;action;release;from;deploy_id[;detail]`` — short enough for a Neutron tag."""
+        parts = [self.at, self.action, self.release, self.from_release, self.deploy_id]
+        if self.detail:
+            parts.append(self.detail.replace(";", ","))
+        return ";".join(parts)
 
     @classmethod
     def decode(cls, text: str) -> HistoryEvent:
-        """Inverse of ``encode``."""
-        parts = (text.split(";") + [""] * 5)[:5]
+        """Inverse of ``encode`` (events written before ``detail`` decode with it empty)."""
+        parts = (text.split(";", 5) + [""] * 6)[:6]
         return cls(*parts)
 
 

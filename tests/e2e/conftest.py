@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.e2e import lxdenv
 from tests.e2e.lxdenv import Background, destroy_env, new_env_name, run_rollout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _short_analysis_window():
+    """Every ``rollout`` run this tier spawns inherits a 2 s post-switch analysis window (not
+    the 30 s default); tests/e2e/test_analysis.py passes its own ``--analysis-window``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODELSERVE_ANALYSIS_WINDOW", os.environ.get("MODELSERVE_ANALYSIS_WINDOW", "2"))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ def os_env(harness):
     env = dict(os.environ)
     env.update({"OS_CLIENT_CONFIG_FILE": str(harness.layout.clouds_yaml),
                 "OS_CLOUD": config.CLOUD, "PYTHONPATH": str(ROOT)})
+    env.setdefault("MODELSERVE_ANALYSIS_WINDOW", "2")  # not the 30 s default in every deploy
     for key in ("MODELSERVE_OS_FLAVOR", "MODELSERVE_OS_NETWORK"):
         env.pop(key, None)
     return env

@@ -2,7 +2,10 @@
 
 Speaks the app contract's health/version/prediction routes from /etc/modelserve/instance.env
 (written by the NoCloud seed) and /opt/standin/model_sha256. ``/opt/standin/fail_readyz``
-present -> /readyz answers 503 (a broken release).
+present -> /readyz answers 503 (a broken release). ``/opt/standin/degrade`` ("fail N" or
+"slow N"): N seconds after the first prediction it answers (the health gate's), every route
+answers 500 ("fail") or 1.5 s late ("slow"): a release that degrades once it is live.
+/metrics: ``modelserve_http_requests_total{method,route,status}`` like the real app.
 
 Workers (``--workers``): a stand-in worker has no Celery; it announces itself (hostname, model
 sha256) to its front's stand-in every 2 s (the front's address from the seed's broker URL),
@@ -30,6 +33,18 @@ def env():
 
 
 SHA = Path("/opt/standin/model_sha256").read_text().strip()
+_DEGRADE = Path("/opt/standin/degrade")
+DEGRADE = _DEGRADE.read_text().split() if _DEGRADE.exists() else []
+FIRST_PREDICTION = []  # monotonic time of the first prediction
+COUNTS = {}  # (method, route, status) -> n
+LOCK = threading.Lock()
+
+
+def degraded():
+    """'fail' / 'slow' once DEGRADE's seconds have passed since the first prediction."""
+    if len(DEGRADE) != 2 or not FIRST_PREDICTION:
+        return ""
+    return DEGRADE[0] if time.monotonic() - FIRST_PREDICTION[0] >= float(DEGRADE[1]) else ""
 WORKERS = {}  # instance -> (entry, last seen)
 
 
@@ -50,10 +65,18 @@ def announce_forever():
 
 
 class Handler(BaseHTTPRequestHandler):
-    def _send(self, code, body):
-        data = json.dumps(body).encode()
+    def _send(self, code, body, ctype="application/json"):
+        mode = degraded() if self.path != "/metrics" else ""
+        if mode == "fail":
+            code, body = 500, {"error": "degraded stand-in"}
+        elif mode == "slow":
+            time.sleep(1.5)
+        with LOCK:
+            key = (self.command, self.path, code)
+            COUNTS[key] = COUNTS.get(key, 0) + 1
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -63,7 +86,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         e = env()
-        if self.path == "/healthz":
+        if self.path == "/metrics":
+            with LOCK:
+                lines = [f'modelserve_http_requests_total{{method="{m}",route="{r}",'
+                         f'status="{c}"}} {n}.0' for (m, r, c), n in sorted(COUNTS.items())]
+            self._send(200, "\n".join(lines) + "\n", "text/plain; version=0.0.4")
+        elif self.path == "/healthz":
             self._send(200, {"status": "ok"})
         elif self.path == "/readyz":
             if os.path.exists("/opt/standin/fail_readyz"):
@@ -90,6 +118,8 @@ class Handler(BaseHTTPRequestHandler):
             WORKERS[str(body.get("instance"))] = (body, time.monotonic())
             self._send(200, {"ok": True})
             return
+        if not FIRST_PREDICTION:
+            FIRST_PREDICTION.append(time.monotonic())
         k = len(body.get("instances", []))
         self._send(200, {"predictions": [{"probability": 0.25, "label": 0}] * k,
                          "model": {"version": "standin", "sha256": SHA}})

@@ -15,6 +15,7 @@ import itertools
 import json
 import socket
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -56,8 +57,33 @@ class App:
                  image: dict | None = None):
         self.env, self.sha, self.ready, self.image = env, sha, ready, image
         self.workers = workers or (lambda: [])
+        self.degrade_at: float | None = None  # monotonic time it turns bad
+        self.degrade_mode = ""  # "fail": 500 on every route; "slow": sleep before answering
+        self.slow_s = 0.3
+        self.counts: dict[tuple[str, int], int] = {}
+        self.mu = threading.Lock()
+
+    def degrade(self, mode: str, after_s: float = 0.0, slow_s: float = 0.3) -> None:
+        """Turn failing (HTTP 500) or slow ``after_s`` seconds from now."""
+        self.degrade_mode, self.slow_s = mode, slow_s
+        self.degrade_at = time.monotonic() + after_s
 
     def answer(self, method: str, path: str) -> tuple[int, dict]:
+        if path == "/metrics":
+            with self.mu:
+                lines = [f'modelserve_http_requests_total{{method="GET",route="{r}",'
+                         f'status="{c}"}} {n}.0' for (r, c), n in sorted(self.counts.items())]
+            return 200, "\n".join(lines) + "\n"
+        code, body = self._answer(method, path)
+        with self.mu:
+            self.counts[(path, code)] = self.counts.get((path, code), 0) + 1
+        return code, body
+
+    def _answer(self, method: str, path: str) -> tuple[int, dict]:
+        if self.degrade_at is not None and time.monotonic() >= self.degrade_at:
+            if self.degrade_mode == "fail":
+                return 500, {"error": "degraded"}
+            time.sleep(self.slow_s)
         if path == "/readyz":
             return (200, {"status": "ready"}) if self.ready else (503, {"failed": "model"})
         if path == "/version":
@@ -82,7 +108,7 @@ def serve(address: str, port: int, route) -> ThreadingHTTPServer:
             if n:
                 self.rfile.read(n)
             code, body = route(method, self.path)
-            data = json.dumps(body).encode()
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
