@@ -196,24 +196,32 @@ def _refused_at_connect(exc: BaseException) -> bool:
 
 
 def test_sigterm_drains_in_flight_requests(astack, holdout):
+    """SIGTERM while 6 clients keep requests in flight (a fresh connection each) and one request
+    is half sent: the listener closes (new connections are refused), every request in flight
+    and the half-sent one are answered 200, and the process exits 0.
+
+    The clients stop starting new requests just before the signal: a connection the kernel
+    completes in the instant between the server's last accept() and its close() is reset by
+    the kernel, in any server; that is a refused connection, not a dropped request, and
+    a client that kept connecting through the stop would be racing it."""
     instances, _ = holdout
     port = svc.free_port()
     web = svc.start_web(astack.env, astack.base / "web-drain.log", port)
     url = f"http://127.0.0.1:{port}"
     rows = json.dumps({"instances": [dict(i) for i in instances[:10]]})
-    ok, dropped, refused = [], [], []
-    stop = threading.Event()
+    ok, dropped = [], []
+    stopping = threading.Event()
 
     def client():
-        while not stop.is_set():
-            try:  # a fresh connection per request: refused at connect once the stop began
+        while not stopping.is_set():
+            try:
                 r = requests.post(url + "/api/v1/predictions", data=rows, headers=JSON, timeout=30)
                 (ok if r.status_code == 200 else dropped).append(r.status_code)
             except requests.RequestException as exc:
-                if _refused_at_connect(exc):
-                    refused.append(1)
-                    return
-                dropped.append(repr(exc))
+                # refused at connect: it never reached the server (a client that checked the
+                # flag just before it was set); anything else lost a request in flight
+                if not _refused_at_connect(exc):
+                    dropped.append(repr(exc))
 
     try:
         requests.post(url + "/api/v1/predictions", data=rows, headers=JSON, timeout=30)
@@ -224,24 +232,32 @@ def test_sigterm_drains_in_flight_requests(astack, holdout):
                      b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:40])
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(client) for _ in range(6)]
-            time.sleep(1.5)
+            deadline = time.monotonic() + 60
+            while len(ok) <= 10 and time.monotonic() < deadline:
+                time.sleep(0.05)  # serving under load (not a fixed sleep: the machine is shared)
+            stopping.set()  # requests in progress go on: they are the in-flight ones
             web.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            with pytest.raises(ConnectionRefusedError):  # the listener is closed
-                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            # the listener closes (polled: when the handler runs depends on the machine's load)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, "the listener stayed open after SIGTERM"
+                time.sleep(0.05)
             half.sendall(body[40:])
             answer = half.recv(65536)
-            stop.set()
             for f in futures:
                 f.result(60)
         half.close()
         assert web.wait(30) == 0, (astack.base / "web-drain.log").read_text()[-2000:]
     finally:
-        stop.set()
+        stopping.set()
         svc.stop(web)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert dropped == [], dropped[:5]
-    assert len(ok) > 10 and refused
+    assert len(ok) > 10
 
 
 def test_unit_files_bound_memory_files_and_stop_time():
