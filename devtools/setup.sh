@@ -30,25 +30,34 @@ install_apt() {
   rm -f /usr/sbin/policy-rc.d
 }
 
+pins_hash() {  # pins_hash FILE...: what a venv is a pure function of (its pins, the python)
+  { cat "$@"; "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16
+}
+
+cached_venv() {
+  # cached_venv DIR WANT BUILDER: DIR holds the venv stamped WANT, else BUILDER DIR WANT makes
+  # it, under the cache lock (concurrent set-ups wait)
+  local dir=$1 want=$2 builder=$3
+  mkdir -p "$CACHE_ROOT/venvs"
+  exec 8>"$CACHE_ROOT/venvs/.lock"
+  flock -w 1200 8 || { log "another set-up holds the venv cache lock"; exit 1; }
+  if [[ ! -f $dir/.installed || $(cat "$dir/.installed") != "$want" ]]; then
+    rm -rf "$dir"
+    "$builder" "$dir" "$want"
+  fi
+  exec 8>&-
+}
+
 install_venv() {
   # The venv is a pure function of the pinned files and the interpreter: it lives in the cache
   # keyed by their hash and .venv links to it, so a fresh clone on a machine that built it once
   # reuses it (CI clones anew each run). Without the cache it is simply built.
-  local want cached stamp
-  want=$( { cat requirements.txt requirements-rollout.txt requirements-dev.txt constraints.txt;
-            "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
+  local want stamp
+  want=$(pins_hash requirements.txt requirements-rollout.txt requirements-dev.txt constraints.txt)
   if [[ $VENV == .venv && ${MODELSERVE_VENV_CACHE:-1} == 1 ]]; then
-    cached="$CACHE_ROOT/venvs/$want"
-    mkdir -p "$CACHE_ROOT/venvs"
-    exec 8>"$CACHE_ROOT/venvs/.lock"
-    flock -w 1200 8 || { log "another set-up holds the venv cache lock"; exit 1; }
-    if [[ ! -f $cached/.installed || $(cat "$cached/.installed") != "$want" ]]; then
-      rm -rf "$cached"
-      build_venv "$cached" "$want"
-    fi
-    exec 8>&-
+    cached_venv "$CACHE_ROOT/venvs/$want" "$want" build_venv
     if [[ -L $VENV || ! -e $VENV ]]; then
-      ln -sfn "$cached" "$VENV"
+      ln -sfn "$CACHE_ROOT/venvs/$want" "$VENV"
       return 0
     fi
     log "$VENV is a directory of its own: leaving it, not linking the cached venv"
@@ -72,23 +81,19 @@ build_venv() {
 install_kserve_venv() {
   # The KServe SDK's REST client (tests/integration/test_protocols.py) cannot share .venv's
   # pins: its own venv, cached the same way, linked as .venv-kserve.
-  local want cached
-  want=$( { cat requirements-kserve.txt; "$PYTHON" -c 'import sys; print(sys.version)'; } \
-          | sha256sum | cut -c1-16)
-  cached="$CACHE_ROOT/venvs/kserve-$want"
-  mkdir -p "$CACHE_ROOT/venvs"
-  exec 8>"$CACHE_ROOT/venvs/.lock"
-  flock -w 1200 8 || { log "another set-up holds the venv cache lock"; exit 1; }
-  if [[ ! -f $cached/.installed || $(cat "$cached/.installed") != "$want" ]]; then
-    rm -rf "$cached"
-    log "creating $cached (the KServe SDK, for the protocol tests)"
-    "$PYTHON" -m venv "$cached"
-    "$cached/bin/pip" install -q --disable-pip-version-check --no-deps \
-      -r requirements-kserve.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
-    echo "$want" >"$cached/.installed"
-  fi
-  exec 8>&-
-  ln -sfn "$cached" .venv-kserve
+  local want
+  want=$(pins_hash requirements-kserve.txt)
+  cached_venv "$CACHE_ROOT/venvs/kserve-$want" "$want" build_kserve_venv
+  ln -sfn "$CACHE_ROOT/venvs/kserve-$want" .venv-kserve
+}
+
+build_kserve_venv() {
+  local dir=$1 want=$2
+  log "creating $dir (the KServe SDK, for the protocol tests)"
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/pip" install -q --disable-pip-version-check --no-deps \
+    -r requirements-kserve.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  echo "$want" >"$dir/.installed"
 }
 
 if [[ ${1:-} != --venv-only ]]; then install_apt; fi
