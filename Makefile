@@ -39,6 +39,6 @@ bench: setup ## app benchmark: broker path vs in-process floor vs the seed's pat
 
 TEST_TIERS ?= tests/unit tests/integration
 test: setup ## the whole suite, services included
-	$(PY) -m pytest $(TEST_TIERS)
+	$(PY) -m pytest --durations=25 $(TEST_TIERS)
 
 -include mk/*.mk

@@ -27,7 +27,7 @@ from localcloud.lxd.project import lxc_env, project_name  # noqa: E402
 def bake(release: str, salt: str) -> dict:
     """One bake through packer/bake.py; its --json result."""
     proc = subprocess.run([sys.executable, str(BAKE), "--release", release, "--json",
-                           "--env", "ci", "--deps-salt", salt], text=True,
+                           "--env", "ci", "--deps-salt", salt, "--allow-dirty"], text=True,
                           stdout=subprocess.PIPE, timeout=3600)
     if proc.returncode != 0:
         sys.exit(f"bake_bench: bake of {release} failed (exit {proc.returncode})")

@@ -13,8 +13,8 @@ TEST_TIERS += tests/image
 local-cloud: ## LXD daemon, storage pool, msbr0 NAT bridge, Debian 12 base image (idempotent)
 	localcloud/lxd/up.sh
 
-image: ## bake modelserve-$(RELEASE) (CLOUD=lxd|openstack, RELEASE=..., IMAGE_ENV=dev)
-	python3 packer/bake.py --cloud $(CLOUD) --release $(RELEASE) --env $(IMAGE_ENV)
+image: ## bake modelserve-$(RELEASE) from git archive of HEAD (CLOUD=lxd|openstack, RELEASE=..., IMAGE_ENV=dev, ALLOW_DIRTY=1)
+	python3 packer/bake.py --cloud $(CLOUD) --release $(RELEASE) --env $(IMAGE_ENV) $(if $(ALLOW_DIRTY),--allow-dirty)
 
 lint-image: ## packer fmt/validate (syntax) and shellcheck of the image scripts
 	cd packer && packer fmt -check . && packer fmt -check plugins

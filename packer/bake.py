@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -48,8 +49,10 @@ POOL = os.environ.get("MODELSERVE_LXD_POOL", "default")
 BAKE_PROFILE = "modelserve-bake"
 TARGET_PYTHON = "3.11.2"  # Debian 12's python3: markers (python_full_version) need all of it
 # What the deps layer is made of: any change here (or in the base image) bakes a new one.
-DEPS_SCRIPTS = ("lib.sh", "trust_build_ca.sh", "install_rabbitmq.sh", "create_venv.sh",
-                "cleanup.sh")
+DEPS_SCRIPTS = ("lib.sh", "trust_build_ca.sh", "upgrade_os.sh", "install_rabbitmq.sh",
+                "create_venv.sh", "cleanup.sh")
+# What the release layer is built from: `git archive` of HEAD (a dirty tree: --allow-dirty).
+RELEASE_INPUTS = ("app", "requirements.txt", "constraints.txt", "image-scripts")
 # what image-scripts/lib.sh prints: its ERR trap, and die()
 FAILED_AT = re.compile(r"failed at (\S+\.sh):(\d+) \(exit (\d+)\): (.*)")
 DIED = re.compile(r"\[(\S+\.sh)\] ERROR: (.*) \((\S+\.sh):(\d+)\)$")
@@ -100,8 +103,66 @@ def check_release(release: str) -> str:
     return release
 
 
-def provenance(app_dir: Path) -> dict[str, str]:
-    """Git sha, app version, model sha256 and held-out accuracy of the tree being baked."""
+def security_week(now: dt.datetime | None = None) -> str:
+    """The ISO week (``2026-W48``) whose distribution updates the deps layer carries: part of
+    the layer's key, so a layer baked in an earlier week is baked again (with the week's
+    security upgrades). ``MODELSERVE_SECURITY_WEEK`` pins it (benchmarks, tests)."""
+    pinned = os.environ.get("MODELSERVE_SECURITY_WEEK", "").strip()
+    if pinned:
+        return pinned
+    year, week, _ = (now or dt.datetime.now(dt.timezone.utc)).isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def source_tree(work: Path, *, allow_dirty: bool, custom_scripts: bool = False,
+                root: Path | None = None) -> tuple[Path, str, bool]:
+    """Where the release layer's files come from: (directory, git sha, dirty).
+
+    Clean: ``git archive`` of HEAD (RELEASE_INPUTS only: nothing untracked, nothing ignored)
+    unpacked under ``work``. Uncommitted changes in those paths or in packer/, no git
+    checkout, or a ``--scripts-dir`` of its own: BakeError unless ``allow_dirty``, and then
+    the working tree itself, the sha marked ``-dirty``."""
+    root = root or ROOT
+
+    def git_in(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", str(root), *args], text=True, capture_output=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    sha = git_in("rev-parse", "HEAD")
+    # untracked files are not in `git archive`: they cannot make the image differ
+    changed = git_in("status", "--porcelain", "--untracked-files=no", "--",
+                     *RELEASE_INPUTS, "packer") if sha else ""
+    why = []
+    if not sha:
+        why.append(f"{root} is not a git checkout")
+    if changed:
+        paths = [line.split(maxsplit=1)[-1] for line in changed.splitlines()]
+        why.append(f"uncommitted changes in {', '.join(paths[:3])}"
+                   + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))
+    if custom_scripts:
+        why.append("--scripts-dir is not the commit's image-scripts")
+    if why:
+        if not allow_dirty:
+            raise BakeError(f"{'; '.join(why)}: the release layer is built from `git archive` "
+                            "of a commit; commit first, or bake with --allow-dirty (make image "
+                            "ALLOW_DIRTY=1), which packs the working tree and marks the image "
+                            "modelserve_dirty=true")
+        return root, (sha or "unknown") + ("-dirty" if sha else ""), True
+    dest = work / "src"
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", sha,
+                              *RELEASE_INPUTS], capture_output=True)
+    if archive.returncode != 0:
+        raise BakeError(f"git archive {sha[:12]} failed: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest)  # our own commit's files
+    return dest, sha, False
+
+
+def provenance(app_dir: Path, git_sha: str | None = None, dirty: bool | None = None
+               ) -> dict[str, str]:
+    """Git sha, app version, model sha256 and held-out accuracy of the tree being baked
+    (``git_sha``/``dirty``: from ``source_tree``; by default read from the checkout)."""
     meta_path = app_dir / "bundle" / "metadata.json"
     model_path = app_dir / "bundle" / "model.keras"
     if not meta_path.is_file() or not model_path.is_file():
@@ -116,12 +177,17 @@ def provenance(app_dir: Path) -> dict[str, str]:
         raise BakeError(f"{meta_path}: metrics.accuracy missing or not in [0, 1]")
     floor = accuracy_floor(meta, meta_path)
     match = re.search(r'__version__\s*=\s*["\']([^"\']+)', (app_dir / "__init__.py").read_text())
-    sha = git("rev-parse", "HEAD") or "unknown"
-    if sha != "unknown" and git("status", "--porcelain", "--", "app", "requirements.txt",
-                                "constraints.txt", "image-scripts", "packer/*.hcl"):
-        sha += "-dirty"
+    sha = git_sha
+    if sha is None:
+        sha = git("rev-parse", "HEAD") or "unknown"
+        if sha != "unknown" and git("status", "--porcelain", "--untracked-files=no", "--",
+                                    *RELEASE_INPUTS, "packer"):
+            sha += "-dirty"
     return {
         "git_sha": sha,
+        "dirty": "true" if (sha.endswith("-dirty") or sha == "unknown"
+                            if dirty is None else dirty) else "false",
+        "security_week": security_week(),
         "app_version": match.group(1) if match else "0.0.0",
         "model_sha256": digest,
         "model_accuracy": f"{accuracy:g}",
@@ -172,8 +238,8 @@ def extra_ca_pem(spec: str) -> str:
     return "\n".join(extra) + ("\n" if extra else "")
 
 
-def app_tarball(dest: Path) -> None:
-    """app/ (package + model bundle) as a tar, without caches."""
+def app_tarball(dest: Path, src: Path) -> None:
+    """``src``/app (package + model bundle) as a tar, without caches."""
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         if "__pycache__" in info.name.split("/") or info.name.endswith(".pyc"):
             return None
@@ -181,18 +247,21 @@ def app_tarball(dest: Path) -> None:
         info.uname = info.gname = "root"
         return info
     with tarfile.open(dest, "w") as tar:
-        tar.add(ROOT / "app", arcname="app", filter=keep)
+        tar.add(src / "app", arcname="app", filter=keep)
 
 
-def prepare_inputs(work: Path, extra_ca: str, with_app: bool, scripts_dir: Path) -> Path:
-    """The tarball Packer uploads and unpacks as /tmp/modelserve-build/{inputs,scripts}."""
+def prepare_inputs(work: Path, extra_ca: str, with_app: bool, scripts_dir: Path,
+                   src: Path | None = None) -> Path:
+    """The tarball Packer uploads and unpacks as /tmp/modelserve-build/{inputs,scripts}
+    (``src``: the release's files, ``source_tree``'s answer; default the checkout)."""
+    src = src or ROOT
     inputs = work / "inputs"
     inputs.mkdir(parents=True)
     for name in ("requirements.txt", "constraints.txt"):
-        shutil.copy2(ROOT / name, inputs / name)
+        shutil.copy2(src / name, inputs / name)
     (inputs / "extra-ca.pem").write_text(extra_ca)
     if with_app:
-        app_tarball(inputs / "app.tar")
+        app_tarball(inputs / "app.tar", src)
     tarball = work / "bake-inputs.tar"
     with tarfile.open(tarball, "w") as tar:
         tar.add(inputs, arcname="inputs")
@@ -350,6 +419,7 @@ def deps_key(scripts_dir: Path, salt: str = "") -> str:
     for hcl in sorted(PACKER_DIR.glob("*.pkr.hcl")):
         h.update(hcl.name.encode() + hcl.read_bytes())
     h.update((image_fingerprint(BASE_ALIAS) or "no-base").encode())
+    h.update(security_week().encode())  # a week later: baked again, with that week's updates
     return h.hexdigest()[:16]
 
 
@@ -474,7 +544,7 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
     t0 = time.monotonic()
     log(f"baking release layer {image} on {deps_alias}")
     remove_container(f"packer-{image}")
-    inputs = prepare_inputs(work / "release", extra_ca, True, args.scripts_dir)
+    inputs = prepare_inputs(work / "release", extra_ca, True, args.scripts_dir, args.src)
     manifest = PACKER_DIR / "manifest.json"
     try:
         fingerprint = packer_build("lxd.modelserve", {
@@ -502,7 +572,7 @@ def bake_openstack(args, release: str, prov: dict[str, str], work: Path) -> dict
         raise BakeError("CLOUD=openstack needs OS_CLOUD (clouds.yaml) or OS_AUTH_URL and the "
                         "other OS_* variables in the environment")
     inputs = prepare_inputs(work / "full", extra_ca_pem(args.extra_ca_certs), True,
-                            args.scripts_dir)
+                            args.scripts_dir, args.src)
     var_file = PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl"
     t0 = time.monotonic()
     image_id = packer_build("openstack.modelserve", {
@@ -527,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="bake the deps layer again even when it is unchanged")
     parser.add_argument("--deps-salt", default="",
                         help="bake a private deps layer (benchmarks), leaving the shared one alone")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="bake the working tree as it is (uncommitted changes, a private "
+                             "--scripts-dir); the image is marked modelserve_dirty=true")
     parser.add_argument("--skip-local-cloud", action="store_true",
                         help="do not run localcloud/lxd/up.sh first")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -535,15 +608,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl").is_file():
             raise BakeError(f"no packer/env/{args.env}.pkrvars.hcl (ENV={args.env})")
-        if shutil.which("packer") is None:
-            raise BakeError("packer is not installed (apt-get install packer, or make local-cloud)")
         release = check_release(args.release or default_release())
-        prov = provenance(ROOT / "app")
-        args.scripts_dir = args.scripts_dir.resolve()
-        log(f"release {release}: git {prov['git_sha'][:12]}, app {prov['app_version']}, model "
-            f"{prov['model_sha256'][:12]} (accuracy {prov['model_accuracy']}, floor "
-            f"{prov['accuracy_floor']})")
+        custom_scripts = args.scripts_dir.resolve() != SCRIPTS.resolve()
         with tempfile.TemporaryDirectory(prefix="modelserve-bake-") as tmp:
+            args.src, sha, dirty = source_tree(Path(tmp), allow_dirty=args.allow_dirty,
+                                               custom_scripts=custom_scripts)
+            prov = provenance(args.src / "app", sha, dirty)
+            if not custom_scripts:
+                args.scripts_dir = args.src / "image-scripts"
+            args.scripts_dir = args.scripts_dir.resolve()
+            log(f"release {release}: git {prov['git_sha'][:12]}"
+                + (" (DIRTY: working tree, --allow-dirty)" if dirty else " (git archive)")
+                + f", app {prov['app_version']}, model {prov['model_sha256'][:12]} (accuracy "
+                f"{prov['model_accuracy']}, floor {prov['accuracy_floor']}), OS updates of "
+                f"{prov['security_week']}")
+            if shutil.which("packer") is None:
+                raise BakeError("packer is not installed (apt-get install packer, or make "
+                                "local-cloud)")
             bake = bake_openstack if args.cloud == "openstack" else bake_lxd
             result = bake(args, release, prov, Path(tmp))
     except BakeError as exc:

@@ -25,6 +25,7 @@ build {
     inline = [
       "set -e",
       "bash /tmp/modelserve-build/scripts/trust_build_ca.sh",
+      "bash /tmp/modelserve-build/scripts/upgrade_os.sh",
       "bash /tmp/modelserve-build/scripts/install_rabbitmq.sh",
       "bash /tmp/modelserve-build/scripts/create_venv.sh",
       "bash /tmp/modelserve-build/scripts/install_app.sh",

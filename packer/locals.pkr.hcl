@@ -11,14 +11,17 @@ locals {
     modelserve_accuracy_floor = "${var.accuracy_floor}"
     modelserve_provenance     = var.provenance
     modelserve_built_at       = var.built_at
+    modelserve_dirty          = var.dirty
+    modelserve_security_week  = var.security_week
   }
   # A deps image is no release: it carries its key, never modelserve_release, so the rollout tool
   # cannot mistake it for one.
   lxd_properties = var.layer == "deps" ? {
-    modelserve_deps_key = var.deps_key
-    os                  = "debian"
-    release             = "bookworm"
-    description         = "modelserve dependencies layer ${var.deps_key} (OS packages + venv)"
+    modelserve_deps_key      = var.deps_key
+    modelserve_security_week = var.security_week
+    os                       = "debian"
+    release                  = "bookworm"
+    description              = "modelserve dependencies layer ${var.deps_key} (OS packages + venv)"
     } : merge(local.provenance, {
       os          = "debian"
       release     = "bookworm"
@@ -35,6 +38,8 @@ locals {
     "MODELSERVE_ACCURACY_FLOOR=${var.accuracy_floor}",
     "MODELSERVE_PROVENANCE=${var.provenance}",
     "MODELSERVE_BUILT_AT=${var.built_at}",
+    "MODELSERVE_DIRTY=${var.dirty}",
+    "MODELSERVE_SECURITY_WEEK=${var.security_week}",
     "MODELSERVE_KEEP_SSH=${var.keep_ssh}",
   ]
 }

@@ -77,6 +77,22 @@ variable "provenance" {
   }
 }
 
+variable "dirty" {
+  type        = string
+  default     = "false"
+  description = "true when the tree was baked as it was (bake.py --allow-dirty), not from git archive of a commit."
+  validation {
+    condition     = contains(["true", "false"], var.dirty)
+    error_message = "The dirty flag must be true or false."
+  }
+}
+
+variable "security_week" {
+  type        = string
+  default     = "unknown"
+  description = "ISO week (e.g. 2026-W48) whose distribution updates the dependencies layer carries; part of its key."
+}
+
 variable "built_at" {
   type        = string
   description = "UTC build time, ISO-8601 (e.g. 2026-11-26T06:30:00Z)."

@@ -38,7 +38,8 @@ def sh(*cmd: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.
 def bake(release: str, *extra: str, check: bool = True) -> tuple[subprocess.CompletedProcess, dict]:
     """Run packer/bake.py for one release; returns the process and its --json result."""
     proc = subprocess.run([sys.executable, str(BAKE), "--release", release, "--json",
-                           "--env", "ci", *extra], text=True, capture_output=True, timeout=3000)
+                           "--env", "ci", "--allow-dirty", *extra], text=True,
+                          capture_output=True, timeout=3000)
     if check and proc.returncode != 0:
         pytest.fail(f"bake of {release} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc, (json.loads(proc.stdout) if proc.returncode == 0 else {})

@@ -71,6 +71,10 @@ def test_image_carries_its_provenance(baked):
     assert props["modelserve_model_sha256"] == META["sha256"]
     assert float(props["modelserve_model_accuracy"]) == META["metrics"]["accuracy"]
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", props["modelserve_git_sha"])
+    # from `git archive` of HEAD, or (this tier bakes with --allow-dirty) marked as dirty
+    assert props["modelserve_dirty"] == ("true" if props["modelserve_git_sha"].endswith(
+        "-dirty") else "false")
+    assert re.fullmatch(r"\d{4}-W\d\d", props["modelserve_security_week"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", props["modelserve_built_at"])
     assert all(props.get(k) for k in PROVENANCE_KEYS)
     assert props["os"] and props["description"]
@@ -102,6 +106,11 @@ def test_front_boots_serving_the_bundle(baked, launch, tmp_path):
     assert body["model"]["sha256"] == META["sha256"]
     status, version = http(f"{base}/version")
     assert version["release"] == baked["release"] and version["model_sha256"] == META["sha256"]
+    # the distribution's updates (security included) of the layer's week were applied at
+    # bake time (upgrade_os.sh fails the bake when anything is left to upgrade)
+    updates = inst.exec("cat", "/etc/modelserve/os-updates")
+    assert re.search(r"^security_week=\d{4}-W\d\d$", updates, re.M), updates
+    assert re.search(r"^upgraded=\d+$", updates, re.M) and "debian-security" in updates, updates
 
     # every file holding a password is private to root and the service's group, and no
     # process has a password on its command line

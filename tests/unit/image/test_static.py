@@ -6,8 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,80 @@ def test_extra_ca_input(tmp_path):
         bake.extra_ca_pem(str(tmp_path / "missing.pem"))
     auto = bake.extra_ca_pem("auto")  # the host's certificates beyond Debian's Mozilla set
     assert auto == "" or auto.count("BEGIN CERTIFICATE") >= 1
+
+
+def _repo(tmp_path: Path) -> Path:
+    """A small git checkout with what the release layer is built from."""
+    root = tmp_path / "repo"
+    for rel, text in (("app/__init__.py", "__version__ = '1'\n"), ("requirements.txt", "x==1\n"),
+                      ("constraints.txt", ""), ("image-scripts/a.sh", "true\n"),
+                      ("packer/x.pkr.hcl", "")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.email=t@example.org", "-c", "user.name=t", "commit", "-qm", "one")
+    return root
+
+
+def test_the_release_layer_is_git_archive_of_the_commit(tmp_path):
+    bake = load_bake()
+    root = _repo(tmp_path)
+    (root / "app" / "untracked.py").write_text("not committed\n")  # never packed
+    src, sha, dirty = bake.source_tree(tmp_path / "w", allow_dirty=False, root=root)
+    assert not dirty and re.fullmatch(r"[0-9a-f]{40}", sha) and src != root
+    assert (src / "app" / "__init__.py").read_text() == "__version__ = '1'\n"
+    assert not (src / "app" / "untracked.py").exists()
+    assert (src / "image-scripts" / "a.sh").exists() and not (src / "packer").exists()
+
+
+def test_a_dirty_tree_is_refused_unless_allowed_and_then_marked(tmp_path):
+    bake = load_bake()
+    root = _repo(tmp_path)
+    (root / "app" / "__init__.py").write_text("__version__ = '2'\n")
+    with pytest.raises(bake.BakeError, match=r"uncommitted changes in app/__init__.py.*--allow-dirty"):
+        bake.source_tree(tmp_path / "w", allow_dirty=False, root=root)
+    src, sha, dirty = bake.source_tree(tmp_path / "w", allow_dirty=True, root=root)
+    assert dirty and src == root and sha.endswith("-dirty")
+    with pytest.raises(bake.BakeError, match="--scripts-dir"):  # a private scripts dir too
+        bake.source_tree(tmp_path / "w2", allow_dirty=False, custom_scripts=True,
+                         root=_repo(tmp_path / "clean"))
+    prov = bake.provenance(ROOT / "app", sha, dirty)
+    assert prov["dirty"] == "true" and prov["git_sha"] == sha
+    assert bake.provenance(ROOT / "app", "a" * 40, False)["dirty"] == "false"
+
+
+def test_the_bake_refuses_a_dirty_checkout_before_any_work(tmp_path):
+    """`make image` in a clone with an uncommitted change: one line, exit 1, nothing baked
+    (--cloud openstack without credentials: were the check missing, it still could not bake)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(clone)], check=True)
+    shutil.copy2(PACKER / "bake.py", clone / "packer" / "bake.py")  # this tree's, committed
+    subprocess.run(["git", "-C", str(clone), "-c", "user.email=t@example.org", "-c",
+                    "user.name=t", "commit", "-qam", "this tree's bake.py", "--allow-empty"],
+                   check=True, capture_output=True)
+    with open(clone / "app" / "web.py", "a") as fh:
+        fh.write("# local change\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    proc = subprocess.run([sys.executable, str(clone / "packer" / "bake.py"), "--cloud",
+                           "openstack", "--release", "rdirty-1"], text=True,
+                          capture_output=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "uncommitted changes in app/web.py" in proc.stderr and "--allow-dirty" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_deps_layer_key_changes_every_week(monkeypatch):
+    bake = load_bake()
+    assert bake.security_week(dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc)) == "2026-W48"
+    assert bake.security_week(dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)) == "2026-W53"
+    monkeypatch.setattr(bake, "image_fingerprint", lambda alias: "base-fp")
+    monkeypatch.setenv("MODELSERVE_SECURITY_WEEK", "2026-W48")
+    key = bake.deps_key(ROOT / "image-scripts")
+    assert key == bake.deps_key(ROOT / "image-scripts")
+    monkeypatch.setenv("MODELSERVE_SECURITY_WEEK", "2026-W49")
+    assert bake.deps_key(ROOT / "image-scripts") != key
+    assert "upgrade_os.sh" in bake.DEPS_SCRIPTS
