@@ -99,6 +99,16 @@ def model():
     return jsonify(_state()["bundle"].public_metadata())
 
 
+@api.get("/api/v1/model/holdout")
+def holdout():
+    """The bundle's held-out sample as request rows (feature dicts, in the bundle's order):
+    what ``rollout deploy``'s model-diff gate sends to the live and the new release."""
+    bundle = _state()["bundle"]
+    rows = [{n: row["features"][n] for n in bundle.feature_names}
+            for row in bundle.metadata.get("holdout_sample") or []]
+    return jsonify({"rows": rows, "version": bundle.version, "sha256": bundle.sha256})
+
+
 @api.get("/healthz")
 def healthz():
     """The process is alive."""

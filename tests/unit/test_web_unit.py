@@ -75,6 +75,19 @@ def test_unknown_query_parameter_is_named(client):
     assert r.status_code == 400 and r.json["error"]["field"] == "sync"
 
 
+def test_holdout_rows_are_the_bundles_sample_as_request_rows(client, bundle):
+    r = client.get("/api/v1/model/holdout")
+    assert r.status_code == 200
+    body = r.json
+    sample = bundle.metadata["holdout_sample"]
+    assert (body["version"], body["sha256"]) == (bundle.version, bundle.sha256)
+    assert len(body["rows"]) == len(sample) > 0
+    assert body["rows"][0] == {n: sample[0]["features"][n] for n in bundle.feature_names}
+    # the rows are valid prediction requests (the diff gate posts them as they are)
+    p = client.post("/api/v1/predictions", json={"instances": body["rows"][:3]})
+    assert p.status_code == 200 and len(p.json["predictions"]) == 3
+
+
 def test_version_comes_from_config_and_bundle(client, bundle):
     v = client.get("/version").json
     assert (v["release"], v["colour"], v["role"]) == ("r7", "green", "front")
