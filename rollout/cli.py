@@ -24,20 +24,21 @@ from rich.table import Table
 
 from app.release_id import RULE as RELEASE_RULE
 from app.release_id import is_release_id
-from rollout import analysis, cancel, executor, notify, redact
+from rollout import analysis, cancel, diff, executor, notify, redact
 from rollout.clouds import default_cloud_name, open_cloud
 from rollout.errors import (
     AnalysisFailed,
     Cancelled,
     CloudError,
     DeployLocked,
+    DiffRefused,
     HealthCheckFailed,
     PlanError,
     RolloutError,
     WaitTimeout,
     also_text,
 )
-from rollout.planner import DeployRequest, RollbackRequest
+from rollout.planner import AbortRequest, DeployRequest, PromoteRequest, RollbackRequest
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
 
@@ -105,6 +106,14 @@ def _url(text: str) -> str:
     return text
 
 
+def _diff_sample(path: str) -> list[dict]:
+    """--diff-sample FILE: its rows, read and validated now (before any cloud call)."""
+    try:
+        return diff.load_sample(path)
+    except diff.SampleError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _release_name(text: str) -> str:
     if not is_release_id(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {RELEASE_RULE}")
@@ -159,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allowed held-out accuracy drop vs live (default 0.01)")
         sp.add_argument("--min-accuracy", type=_float_in(0.0, 1.0, "--min-accuracy"),
                         default=None, help="quality floor (default: the image's)")
+        sp.add_argument("--max-disagreement", type=_float_in(0.0, 1.0, "--max-disagreement"),
+                        default=diff.DEFAULT_MAX_DISAGREEMENT,
+                        help="model-diff gate: refuse when more than this share of the rows "
+                             "flip label between live and new (default "
+                             f"{diff.DEFAULT_MAX_DISAGREEMENT:g}; --force overrides)")
+        sp.add_argument("--diff-sample", type=_diff_sample, default=None, metavar="FILE",
+                        help="model-diff gate: also compare these recorded requests (JSONL: a "
+                             "request body or one instance per line, at most "
+                             f"{diff.MAX_SAMPLE_ROWS} rows)")
 
     def analysis_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--analysis-window", type=_float_in(0.0, 86400.0, "--analysis-window"),
@@ -183,16 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="POST a CloudEvent at each step of the run (repeatable; also "
                              f"${notify.NOTIFY_ENV}, comma or space separated)")
 
+    def health_timeout_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--health-timeout",
+                        type=_float_in(0.0, None, "--health-timeout", open_low=True),
+                        default=240.0, help="seconds the health gate may take (> 0)")
+
     sp = sub.add_parser("deploy", parents=[common], help="deploy a release (blue-green)")
     deploy_args(sp)
+    sp.add_argument("--preview", action="store_true",
+                    help="launch and gate the release, serve it on the env's preview address "
+                         "and stop there: no switch (then promote or abort)")
     sp.add_argument("--no-probe", action="store_true", help="no load probe during the switch")
     analysis_args(sp)
     notify_arg(sp)
     sp.add_argument("--boot-timeout", type=_float_in(0.0, None, "--boot-timeout", open_low=True),
                     default=180.0, help="seconds an instance may take to boot (> 0)")
-    sp.add_argument("--health-timeout",
-                    type=_float_in(0.0, None, "--health-timeout", open_low=True),
-                    default=240.0, help="seconds the health gate may take (> 0)")
+    health_timeout_arg(sp)
+    sp = sub.add_parser("promote", parents=[common],
+                        help="switch to the pending preview (gate, probe, analysis)")
+    sp.add_argument("--keep", type=_int_at_least(2, "--keep"), default=2,
+                    help="releases kept warm in the env, live included (>= 2)")
+    sp.add_argument("--force", action="store_true",
+                    help="override the quality floor and the accuracy gate (recorded)")
+    sp.add_argument("--no-probe", action="store_true", help="no load probe during the switch")
+    analysis_args(sp)
+    notify_arg(sp)
+    health_timeout_arg(sp)
+    sp = sub.add_parser("abort", parents=[common],
+                        help="end the pending preview and delete its instances")
+    notify_arg(sp)
     sp = sub.add_parser("plan", parents=[common], help="print the steps a deploy would take")
     deploy_args(sp)
     sp = sub.add_parser("rollback", parents=[common], help="switch back to the previous release")
@@ -225,6 +262,11 @@ def _print_status(con: Console, st: dict) -> None:
         lk = st["lock"]
         con.print(f"[yellow]locked[/] by {lk['holder']} since {lk['since']} "
                   f"(deploy {lk['deploy_id']}, lease until {lk['expires'] or '-'})")
+    if st.get("preview"):
+        pv = st["preview"]
+        con.print(f"[cyan]preview[/] {pv['release']} at {pv['url'] or '-'} (deploy "
+                  f"{pv['deploy_id']}): python -m rollout promote --env {st['env']} | abort "
+                  f"--env {st['env']}")
     t = Table("instance", "release", "colour", "role", "status", "address", "live")
     for i in st["instances"]:
         t.add_row(i["name"], i["release"], i["colour"], i["role"], i["status"],
@@ -284,15 +326,24 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
         if getattr(args, "notify", None):
             ctx.notifier = notify.Notifier(args.notify, args.env, warn=ctx.reporter.warn)
             stack.callback(ctx.notifier.close)  # bounded: at most 1 s
-        if args.command == "deploy":
+        if args.command in ("deploy", "promote"):
             ctx.probe = not args.no_probe
-            ctx.boot_timeout, ctx.health_timeout = args.boot_timeout, args.health_timeout
+            ctx.boot_timeout = getattr(args, "boot_timeout", ctx.boot_timeout)
+            ctx.health_timeout = args.health_timeout
             ctx.analysis_window = args.analysis_window
             ctx.thresholds = analysis.Thresholds(args.max_error_rate, args.max_p99_ratio,
                                                  args.p99_slack_ms)
             if configure:
                 configure(ctx)
-            res = executor.deploy(ctx, _deploy_request(args, ctx.deploy_id))
+            res = (executor.deploy(ctx, _deploy_request(args, ctx.deploy_id))
+                   if args.command == "deploy" else
+                   executor.promote(ctx, PromoteRequest(args.env, ctx.deploy_id, args.keep,
+                                                        args.force)))
+            _closing(err, res)
+        elif args.command == "abort":
+            if configure:
+                configure(ctx)
+            res = executor.abort(ctx, AbortRequest(args.env, ctx.deploy_id))
             _closing(err, res)
         elif args.command == "rollback":
             ctx.probe = not args.no_probe
@@ -349,6 +400,8 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
             out = {"error": also_text(exc), "type": type(exc).__name__}
             if isinstance(exc, AnalysisFailed) and exc.verdict is not None:
                 out.update(analysis=exc.verdict.to_dict(), rolled_back=exc.rolled_back)
+            if isinstance(exc, DiffRefused) and exc.figures is not None:
+                out["diff"] = exc.figures
             emit(out)
         return _code_for(exc)
     finally:
@@ -387,7 +440,10 @@ def _resolve_env_args(args: argparse.Namespace) -> None:
 def _deploy_request(args: argparse.Namespace, deploy_id: str) -> DeployRequest:
     return DeployRequest(env=args.env, deploy_id=deploy_id, release=args.release,
                          workers=args.workers, keep=args.keep, force=args.force,
-                         accuracy_tolerance=args.tolerance, min_accuracy=args.min_accuracy)
+                         accuracy_tolerance=args.tolerance, min_accuracy=args.min_accuracy,
+                         max_disagreement=args.max_disagreement,
+                         diff_sample=tuple(args.diff_sample or ()),
+                         preview=getattr(args, "preview", False))
 
 
 def _closing(err: Console, res: dict) -> None:
@@ -400,8 +456,17 @@ def _closing(err: Console, res: dict) -> None:
     if verdict:
         probe_txt += (f", analysis {verdict['outcome']}: {verdict['now']['requests']} requests, "
                       f"{verdict['now']['error_rate']:.2%} errors")
-    err.print(f"[bold green]{res['action']} done[/]: {res['release']} is live in {res['env']} at "
-              f"{res['url']} ({res['seconds']}s{probe_txt})")
+    if res["action"] == "preview":
+        err.print(f"[bold green]preview ready[/]: {res['release']} at {res['preview']['url']}; "
+                  f"{res['from_release'] or 'nothing'} stays live at {res['url']} "
+                  f"({res['seconds']}s); then: python -m rollout promote --env {res['env']} | "
+                  f"abort --env {res['env']}")
+    elif res["action"] == "abort":
+        err.print(f"[bold green]preview aborted[/]: {res['release']} is gone from {res['env']}; "
+                  f"{res['from_release'] or 'nothing'} stays live ({res['seconds']}s)")
+    else:
+        err.print(f"[bold green]{res['action']} done[/]: {res['release']} is live in "
+                  f"{res['env']} at {res['url']} ({res['seconds']}s{probe_txt})")
     for item in res.get("leftovers") or []:
         err.print(f"[yellow]left behind[/]: {item} — python -m rollout cleanup --env "
                   f"{res['env']}")

@@ -15,6 +15,16 @@ class PlanError(RolloutError):
     """The request cannot be planned (unknown release, accuracy gate, nothing to roll back to)."""
 
 
+class DiffRefused(PlanError):
+    """The model-diff gate refused the new release: more of the held-out (and sample) rows
+    flipped label between the live release and it than ``--max-disagreement`` allows (exit 3,
+    after undo). ``figures``: the gate's figures (JSON-ready)."""
+
+    def __init__(self, message: str, figures: dict | None = None):
+        super().__init__(message)
+        self.figures = figures
+
+
 class DeployLocked(RolloutError):
     """Another deploy holds the environment's lock."""
 

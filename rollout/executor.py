@@ -20,7 +20,7 @@ import contextlib
 import time
 from dataclasses import replace
 
-from rollout import analysis, cancel, health
+from rollout import analysis, cancel, diff, health
 from rollout.clouds.base import (
     Deployment,
     FipState,
@@ -29,6 +29,8 @@ from rollout.clouds.base import (
     Instance,
     InstanceSpec,
     Lock,
+    Preview,
+    preview_env,
 )
 from rollout.context import (  # noqa: F401 - re-exported
     Context,
@@ -40,7 +42,9 @@ from rollout.context import (  # noqa: F401 - re-exported
 from rollout.errors import (
     AnalysisFailed,
     CloudError,
+    Conflict,
     DeployLocked,
+    DiffRefused,
     HealthCheckFailed,
     PlanError,
     RolloutError,
@@ -50,22 +54,29 @@ from rollout.errors import (
 )
 from rollout.lock import env_lock, renew  # noqa: F401 - re-exported
 from rollout.planner import (
+    AbortRequest,
     CleanupRequest,
     CreateFloatingIP,
     DeleteImage,
     DeleteInstances,
     DeployRequest,
+    DiffGate,
+    EndPreview,
     HealthGate,
     LaunchFront,
     LaunchWorkers,
     Plan,
+    PromoteRequest,
     Retire,
     RollbackRequest,
+    StartPreview,
     Switch,
     Verify,
     check_spared,
+    plan_abort,
     plan_cleanup,
     plan_deploy,
+    plan_promote,
     plan_rollback,
 )
 from rollout.report import Reporter  # noqa: F401 - re-exported
@@ -84,6 +95,7 @@ class Executor:
         self.created: list[str] = []
         self.switched_from: FloatingIP | None = None  # FIP as it was before our switch
         self.switched_to: str | None = None  # the port our switch pointed it at
+        self.preview_pointed: FloatingIP | None = None  # the preview address we aimed (undo)
         self.verified = False
         # committed: the new release is the truth (verified, and its analysis passed or
         # there is nothing to roll back to); before that, undo switches back
@@ -115,10 +127,14 @@ class Executor:
                     getattr(self, f"do_{step.kind}")(step)
                 self.timings[step.kind] = round(
                     self.timings.get(step.kind, 0) + time.monotonic() - t0, 3)
-                if step.kind == "health_gate":
+                if step.kind == self._last_gate():  # the model-diff gate's figures included
                     self.notify("gated")
                 elif step.kind == "switch":
-                    self.notify("switched" if self.plan.action == "deploy" else "rolled_back")
+                    self.notify("rolled_back" if self.plan.action == "rollback" else "switched")
+                elif step.kind == "preview":
+                    self.notify("previewed", f"served on {self.result['preview']['url']}")
+                elif isinstance(step, EndPreview):
+                    self.notify(step.outcome)
                 elif step.kind == "verify" and self._analysis_pending():
                     self.analyse()  # before any retire step: blue stays warm until it passes
         except BaseException as exc:
@@ -148,6 +164,8 @@ class Executor:
             "switch_to_traffic_s": self.result.get("switch_to_traffic_s"),
             "probe": self.probe_result.to_dict() if self.probe_result else None,
             "analysis": self.verdict.to_dict() if self.verdict else None,
+            "diff": self.result.get("diff"),
+            "preview": self.result.get("preview"),
             "leftovers": self.leftovers,
         }
 
@@ -160,7 +178,8 @@ class Executor:
                 "figures": {"timings": dict(self.timings),
                             "switch_to_traffic_s": self.result.get("switch_to_traffic_s"),
                             "probe": self.probe_result.to_dict() if self.probe_result else None,
-                            "analysis": self.verdict.to_dict() if self.verdict else None}}
+                            "analysis": self.verdict.to_dict() if self.verdict else None,
+                            "diff": self.result.get("diff")}}
 
     def notify(self, event: str, reason: str = "") -> None:
         """Queue a notification (never fails, never waits: rollout/notify.py)."""
@@ -169,6 +188,8 @@ class Executor:
 
     def _record(self, action: str, release: str, from_release: str, detail: str = "") -> None:
         """Append a history event (best effort: a failure is a warning)."""
+        if self.result.get("diff_detail"):  # the model-diff gate's figures go with the run
+            detail = f"{detail} {self.result['diff_detail']}".strip()
         try:
             cur = self.ctx.cloud.find_floating_ip(self.ctx.env)
             if cur is not None:
@@ -182,9 +203,72 @@ class Executor:
         forced = any("overridden (--force)" in n for n in self.plan.notes)
         return self.plan.action + ("-forced" if forced else "")
 
+    # -- the model-diff gate (rollout/diff.py) ----------------------------------------------
+    def _last_gate(self) -> str:
+        """The step kind after which ``gated`` is sent: the model-diff gate when planned."""
+        return "diff_gate" if any(isinstance(s, DiffGate) for s in self.plan.steps) \
+            else "health_gate"
+
+    def _diff_skipped(self, why: str) -> None:
+        why = why.replace("[", "(").replace("]", ")")  # a front's text: no console markup
+        self.ctx.reporter.warn(f"diff skipped: {why}")
+        self.result["diff"] = {"outcome": "skipped", "reason": why}
+        self.result["diff_detail"] = f"diff skipped: {why}".replace(";", ",")[:120]
+
+    def do_diff_gate(self, step: DiffGate) -> None:
+        """Send the same rows (green's held-out sample, else the tool's bundle's, plus the
+        --diff-sample rows) to the live front and to green, directly; refuse
+        (``DiffRefused``, exit 3, undo) when the flip rate exceeds ``max_disagreement``, unless
+        forced (then a plan note records the override). Green not answering fails the gate
+        (``HealthCheckFailed``); the live front not answering only skips it (a warning)."""
+        ctx = self.ctx
+        green = self.by_name[step.front]
+        if not green.address:
+            green = ctx.cloud.get_instance(green.id)
+        blue = self.by_name.get(step.live_front)
+        gname = f"{step.front} ({step.release})"
+        try:
+            m = diff.measure(green.address or "", blue.address if blue else None, ctx.port,
+                             step.sample, blue_name=f"the live front {step.live_front} "
+                                                   f"({step.live_release})")
+        except diff.GreenFailed as exc:
+            if exc.sample and exc.status is not None and 400 <= exc.status < 500:
+                raise PlanError(f"{gname} rejected the --diff-sample rows: {exc}; fix the "
+                                "sample file") from exc
+            raise HealthCheckFailed(f"{gname} did not answer the model-diff gate: {exc}; the "
+                                    "live release keeps serving") from exc
+        holdout_from, figures = m.holdout_from, m.figures
+        if holdout_from != "green":
+            ctx.reporter.info(f"held-out rows: {holdout_from} (green has no "
+                              f"{diff.HOLDOUT_PATH})")
+        if figures is None:
+            return self._diff_skipped(m.skipped)
+        refused = figures.refused(step.max_disagreement)
+        outcome = "passed" if not refused else "overridden" if step.forced else "refused"
+        self.result["diff"] = {"outcome": outcome, "max_disagreement": step.max_disagreement,
+                               "live_release": step.live_release, "release": step.release,
+                               "holdout_from": holdout_from, **figures.to_dict()}
+        self.result["diff_detail"] = figures.detail() + (
+            " overridden (--force)" if outcome == "overridden" else "")
+        (ctx.reporter.warn if refused else ctx.reporter.info)(
+            f"diff {step.live_release} -> {step.release}: {figures.line()}")
+        if not refused:
+            return None
+        why = (f"{figures.flipped} of {figures.rows} rows flipped label between live "
+               f"{step.live_release} and {step.release} (flip rate {figures.flip_rate:.2%} > "
+               f"--max-disagreement {step.max_disagreement:g})")
+        if step.forced:
+            self.plan = replace(self.plan, notes=self.plan.notes + (
+                f"model-diff gate overridden (--force): {why}",))
+            ctx.reporter.warn(f"model-diff gate overridden (--force): {why}")
+            return None
+        raise DiffRefused(f"model-diff gate: {why}; the live release keeps serving; deploy "
+                          "anyway with --force (recorded in history) or raise "
+                          "--max-disagreement", self.result["diff"])
+
     # -- post-switch analysis ----------------------------------------------------------------
     def _analysis_pending(self) -> bool:
-        return self.plan.action == "deploy" and self.ctx.analysis_window > 0
+        return self.plan.action in ("deploy", "promote") and self.ctx.analysis_window > 0
 
     def analyse(self) -> None:
         """Probe the new release through the floating IP for the analysis window and judge
@@ -260,6 +344,8 @@ class Executor:
             return
         problems: list[str] = []
         with cancel.deferred(raise_pending=False):
+            if self.preview_pointed is not None:
+                self._unpoint_preview(problems)
             if self.switched_from is not None and not self._switch_back(problems):
                 # the floating IP may still point at our set: deleting it would leave the
                 # env serving nothing; keep it, and say so
@@ -440,7 +526,8 @@ class Executor:
             probe = health.Probe(fip.address, port=ctx.port).start()
             ctx.sleep(0.15)  # let the probe see the old release first
         state = FipState(live=step.release, previous=step.previous or "",
-                         lock=fip.state.lock if self.lock else None)
+                         lock=fip.state.lock if self.lock else None,
+                         preview=None if self.plan.action == "promote" else fip.state.preview)
         self.switched_from, self.switched_to = fip, front.port
         t0 = time.monotonic()
         try:
@@ -472,18 +559,22 @@ class Executor:
                           f"p50 {b.p50_ms or 0:.0f} ms, p99 {b.p99_ms or 0:.0f} ms")
         self._renew()
 
-    def _verify(self, release: str, address: str, t0: float) -> None:
+    def _seen(self, release: str, address: str, what: str = "the floating IP") -> None:
+        """Wait (VERIFY_SWITCH) until /version through ``address`` names ``release``."""
         def seen() -> dict:
             v = health.fetch_version(address, self.ctx.port)
             if v.get("release") != release:
-                raise health.NotReady(f"floating IP still serves {v.get('release')}")
+                raise health.NotReady(f"{what} still serves {v.get('release')}")
             return v
 
         try:
             VERIFY_SWITCH.run(seen, sleep=self.ctx.sleep, what=f"/version via {address}")
         except WaitTimeout as exc:
-            raise HealthCheckFailed(f"after the switch the floating IP did not serve {release}: "
+            raise HealthCheckFailed(f"after the switch {what} did not serve {release}: "
                                     f"{exc}") from exc
+
+    def _verify(self, release: str, address: str, t0: float) -> None:
+        self._seen(release, address)
         self.result["switch_to_traffic_s"] = round(time.monotonic() - t0, 3)
         self.verified = True
         # with an analysis to come and a release to go back to, not yet the truth
@@ -491,6 +582,75 @@ class Executor:
                               and bool(self.switched_from.target))
         self.ctx.reporter.info(f"{address} serves {release} "
                                f"({self.result['switch_to_traffic_s']}s after the switch)")
+
+    # -- preview, promote, abort -------------------------------------------------------------
+    def _preview_fip(self, create: bool) -> FloatingIP | None:
+        """The env's preview floating IP (``<env>.preview``), allocated once and kept: the
+        preview address is stable across deploys."""
+        cloud, penv = self.ctx.cloud, preview_env(self.ctx.env)
+        fip = cloud.find_floating_ip(penv)
+        if fip is None and create:
+            with contextlib.suppress(Conflict):  # a racing creator: use the env's one
+                cloud.create_floating_ip(penv)
+            fip = cloud.find_floating_ip(penv)
+            if fip is None:
+                raise CloudError(f"the preview floating IP of env {self.ctx.env} vanished")
+        return fip
+
+    def _main_state(self, **changes) -> None:
+        """One CAS update of the env's floating IP state (target unchanged; under our lock)."""
+        cur = self.ctx.cloud.find_floating_ip(self.ctx.env)
+        if cur is None:
+            raise CloudError(f"the floating IP of env {self.ctx.env} vanished")
+        self.ctx.cloud.update_floating_ip(cur, target=cur.target,
+                                          state=replace(cur.state, **changes),
+                                          if_revision=cur.revision)
+
+    def do_preview(self, step: StartPreview) -> None:
+        """Aim the preview address at the gated front and check it serves the release, then
+        record the pending preview on the env's floating IP (from then on the run is done:
+        the set stays for promote or abort)."""
+        ctx = self.ctx
+        front = self.by_name[step.front]
+        pfip = self._preview_fip(create=True)
+        assert pfip is not None
+        self.preview_pointed = pfip
+        pfip = ctx.cloud.update_floating_ip(pfip, target=front.port,
+                                            state=FipState(live=step.release),
+                                            if_revision=pfip.revision)
+        self._seen(step.release, pfip.address, "the preview address")
+        self._main_state(preview=Preview(step.release, step.deploy_id))
+        self.committed, self.preview_pointed = True, None
+        url = health.base_url(pfip.address, ctx.port) + "/"
+        self.result["preview"] = {"release": step.release, "deploy_id": step.deploy_id,
+                                  "address": pfip.address, "url": url}
+        ctx.reporter.info(f"preview: {url} serves {step.release}; the floating IP still serves "
+                          f"{self.observed.live or 'nothing'}")
+        self._record("preview", step.release, self.observed.live or "", f"at {pfip.address}")
+
+    def _unpoint_preview(self, problems: list[str]) -> None:
+        """Undo of a preview: the preview address serves nothing again."""
+        try:
+            cur = self._preview_fip(create=False)
+            if cur is not None and cur.target:
+                self.ctx.cloud.update_floating_ip(cur, target=None, state=FipState(),
+                                                  if_revision=cur.revision)
+        except Exception as err:  # noqa: BLE001 - report, keep undoing
+            problems.append(f"could not clear the preview address: {err}")
+        self.preview_pointed = None
+
+    def do_end_preview(self, step: EndPreview) -> None:
+        """The preview address serves nothing, the pending preview is cleared (a promote's
+        switch cleared it already); an abort is recorded in history."""
+        problems: list[str] = []
+        self._unpoint_preview(problems)
+        if problems:
+            raise CloudError(problems[0])
+        cur = self.ctx.cloud.find_floating_ip(self.ctx.env)
+        if cur is not None and cur.state.preview:
+            self._main_state(preview=None)
+        if step.outcome == "aborted":
+            self._record("abort", step.release, self.observed.live or "")
 
     def do_verify(self, step: Verify) -> None:
         if not self.verified:  # the switch verifies itself; this covers a re-run plan
@@ -541,15 +701,50 @@ def deploy(ctx: Context, req: DeployRequest) -> dict:
 @contextlib.contextmanager
 def _notified(ex: Executor):
     """``started`` now; ``failed`` (with the reason) if the run ends by an exception other
-    than an analysis failure (which sent its own ``analysis_failed``/``rolled_back``)."""
+    than an analysis failure (which sent its own ``analysis_failed``/``rolled_back``). A run
+    that the release itself failed (gate, diff gate, refusal, a wait) is also recorded in
+    history as ``failed`` with the reason; a cloud error or a signal is not (one more cloud
+    call would only delay the exit)."""
     ex.notify("started", "; ".join(ex.plan.notes))
     try:
         yield
     except AnalysisFailed:
         raise
     except BaseException as exc:
-        ex.notify("failed", also_text(exc) or type(exc).__name__)
+        reason = also_text(exc) or type(exc).__name__
+        if isinstance(exc, HealthCheckFailed | PlanError | WaitTimeout):
+            ex._record("failed", ex.plan.release or "", ex.observed.live or "",  # noqa: SLF001
+                       " ".join(reason.split()).replace(";", ",")[:200])
+        ex.notify("failed", reason)
         raise
+
+
+def promote(ctx: Context, req: PromoteRequest) -> dict:
+    """Switch to the pending preview's set (gate, switch with the probe, analysis), end the
+    preview, retire beyond ``keep``: plan without the lock, lock, observe, re-plan, apply."""
+    plan_promote(observe(ctx), req)
+    with env_lock(ctx, create=False) as lock:
+        observed = observe(ctx)
+        plan = plan_promote(observed, req)
+        check_spared(observed, plan)
+        _notes(ctx, plan)
+        ex = Executor(ctx, observed, lock, plan)
+        with _notified(ex):
+            return ex.apply()
+
+
+def abort(ctx: Context, req: AbortRequest) -> dict:
+    """End the pending preview and delete its set (never live or previous instances)."""
+    plan_abort(observe(ctx), req)
+    with env_lock(ctx, create=False) as lock:
+        observed = observe(ctx)
+        plan = plan_abort(observed, req)
+        check_spared(observed, plan)
+        for step in plan.steps:
+            ctx.reporter.info(f"will {step.describe()}")
+        ex = Executor(ctx, observed, lock, plan)
+        with _notified(ex):
+            return ex.apply()
 
 
 def rollback(ctx: Context, req: RollbackRequest) -> dict:
@@ -590,6 +785,37 @@ def _elsewhere(ctx: Context) -> frozenset[str]:
 
 
 def plan_only(ctx: Context, req: DeployRequest) -> dict:
-    """Dry run: the plan, nothing changed (no lock taken)."""
-    plan = plan_deploy(observe(ctx), req)
-    return plan.to_dict()
+    """Dry run: the plan, nothing changed (no lock taken). The model-diff gate's step also
+    says how many rows it will compare (the held-out rows counted from the tool's bundle:
+    green's own sample is used when it serves one) and, when the target's front is already
+    running (a warm set the deploy would reuse), the real figures (predictions only)."""
+    observed = observe(ctx)
+    plan = plan_deploy(observed, req)
+    out = plan.to_dict()
+    for step, d in zip(plan.steps, out["steps"], strict=True):
+        if isinstance(step, DiffGate):
+            d["holdout_rows"] = len(diff.bundle_holdout())
+            d["rows"] = d["holdout_rows"] + d["sample_rows"]
+            d.update(_plan_diff_figures(ctx, observed, step))
+    return out
+
+
+def _plan_diff_figures(ctx: Context, observed: Deployment, step: DiffGate) -> dict:
+    """``{"figures": ...}`` measured on a warm running front of the target (read-only), or
+    ``{}`` when it is not running yet."""
+    by_name = {i.name: i for i in observed.instances}
+    green, blue = by_name.get(step.front), by_name.get(step.live_front)
+    if green is None or green.status != "RUNNING" or not green.address:
+        return {}
+    try:
+        m = diff.measure(green.address, blue.address if blue else None, ctx.port, step.sample)
+    except diff.PredictError as exc:
+        return {"figures": {"skipped": f"{step.front} did not answer: {exc}"}}
+    if m.figures is None:
+        return {"figures": {"skipped": m.skipped}}
+    f = m.figures.to_dict()
+    return {"rows": f["rows"], "figures": {
+        **{k: f[k] for k in ("agreement", "flipped", "flip_rate", "mean_abs_change",
+                             "max_abs_change")},
+        "would_refuse": m.figures.refused(step.max_disagreement),
+        "holdout_from": m.holdout_from}}

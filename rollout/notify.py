@@ -34,7 +34,7 @@ RETRY_WAIT_S = 0.1
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
 TYPE_PREFIX = "io.modelserve.rollout."
 EVENTS = ("started", "gated", "switched", "analysis_passed", "analysis_failed", "rolled_back",
-          "failed")
+          "previewed", "promoted", "aborted", "failed")
 
 
 def urls_from_env(text: str | None = None) -> list[str]:

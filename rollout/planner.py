@@ -37,6 +37,30 @@ class DeployRequest:
     accuracy_tolerance: float = 0.01
     min_accuracy: float | None = None  # quality floor; None: the image's, else the default
     reuse_warm: bool = True  # False: never reuse a warm set (after a reused set failed the gate)
+    max_disagreement: float = 0.25  # model-diff gate: refuse above this share of rows flipped
+    diff_sample: tuple = ()  # rows of --diff-sample (loaded and validated by the CLI)
+    preview: bool = False  # launch and gate, then serve it on the preview address: no switch
+    promote: bool = False  # plan_promote's own request: the pending preview is the target
+
+
+@dataclass(frozen=True)
+class PromoteRequest:
+    """What the operator asked ``promote`` for (the release is the pending preview's)."""
+
+    env: str
+    deploy_id: str
+    keep: int = 2
+    force: bool = False
+    accuracy_tolerance: float = 0.01
+    min_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    """What the operator asked ``abort`` for."""
+
+    env: str
+    deploy_id: str
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,35 @@ class HealthGate(Step):
 
 
 @dataclass(frozen=True)
+class DiffGate(Step):
+    """The model-diff gate (rollout/diff.py): the same rows to the live front and the new one,
+    directly; refuse when more than ``max_disagreement`` of the rows flipped label, unless
+    ``forced`` (then recorded as overridden). ``sample``: the --diff-sample rows (shown as a
+    count)."""
+
+    kind: ClassVar[str] = "diff_gate"
+    release: str
+    front: str
+    live_release: str
+    live_front: str
+    max_disagreement: float
+    forced: bool = False
+    sample: tuple = ()
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.pop("sample")
+        d["sample_rows"] = len(self.sample)
+        return d
+
+    def describe(self) -> str:
+        extra = f" + {len(self.sample)} sample rows" if self.sample else ""
+        return (f"model-diff gate: {self.live_front} ({self.live_release}) vs {self.front} on "
+                f"the held-out rows{extra}; refuse above a flip rate of "
+                f"{self.max_disagreement:g}" + (" (--force: recorded only)" if self.forced else ""))
+
+
+@dataclass(frozen=True)
 class Switch(Step):
     kind: ClassVar[str] = "switch"
     release: str
@@ -159,6 +212,29 @@ class Verify(Step):
 
     def describe(self) -> str:
         return f"check /version through the floating IP shows {self.release}"
+
+
+@dataclass(frozen=True)
+class StartPreview(Step):
+    kind: ClassVar[str] = "preview"
+    release: str
+    front: str
+    deploy_id: str  # the set's deploy id: this run's, or a reused warm set's
+
+    def describe(self) -> str:
+        return (f"point the preview address at {self.front} ({self.release}); the floating IP "
+                "is not moved")
+
+
+@dataclass(frozen=True)
+class EndPreview(Step):
+    kind: ClassVar[str] = "end_preview"
+    release: str
+    outcome: str  # promoted | aborted
+
+    def describe(self) -> str:
+        return f"end the preview of {self.release} ({self.outcome}): the preview address " \
+               "serves nothing until the next preview"
 
 
 @dataclass(frozen=True)
@@ -338,6 +414,21 @@ def _retire(observed: Deployment, keep_first: list[str], keep: int) -> list[Step
     return steps
 
 
+def _diff_gate(observed: Deployment, release: str, front: str, req: DeployRequest,
+               notes: list[str]) -> list[Step]:
+    """The model-diff gate, when a release is live (its front answers the comparison)."""
+    live_inst = observed.live_instance
+    if not observed.live:
+        notes.append("model-diff gate skipped: nothing is live to compare with")
+        return []
+    if live_inst is None or live_inst.role != "front":
+        notes.append(f"model-diff gate skipped: the live front of {observed.live} is not "
+                     "visible")
+        return []
+    return [DiffGate(release, front, observed.live, live_inst.name, req.max_disagreement,
+                     req.force, tuple(req.diff_sample))]
+
+
 # -- the planners --------------------------------------------------------------------------
 def plan_deploy(observed: Deployment, req: DeployRequest) -> Plan:
     """The steps that make ``req.release`` (default: the newest baked release) live.
@@ -353,6 +444,11 @@ def plan_deploy(observed: Deployment, req: DeployRequest) -> Plan:
         raise PlanError("--workers must be >= 0")
     if req.min_accuracy is not None and not 0.0 <= req.min_accuracy <= 1.0:
         raise PlanError("--min-accuracy must be between 0 and 1")
+    if not 0.0 <= req.max_disagreement <= 1.0:
+        raise PlanError("--max-disagreement must be between 0 and 1")
+    pending = observed.preview
+    if pending and not req.promote:
+        raise PlanError(pending_preview_text(req.env, pending.release, pending.deploy_id))
     target, picked = _pick_release(observed, req.release)
     live = observed.live
     notes: list[str] = [picked] if picked else []
@@ -399,11 +495,76 @@ def plan_deploy(observed: Deployment, req: DeployRequest) -> Plan:
             steps.append(LaunchWorkers(worker_names, target.release, colour, front_name))
     steps.append(HealthGate(target.release, front_name, worker_names, target.model_sha256,
                             full=True, reused=bool(warm)))
+    steps += _diff_gate(observed, target.release, front_name, req, notes)
+    if req.preview:  # served on the preview address; promote switches and retires
+        steps.append(StartPreview(target.release, front_name,
+                                  warm[0].deploy_id if warm else req.deploy_id))
+        return Plan("preview", target.release, tuple(steps), tuple(notes))
     previous = live or (observed.previous if observed.previous != target.release else None)
     steps.append(Switch(target.release, front_name, live, previous))
     steps.append(Verify(target.release))
     steps += _retire(observed, [target.release, live or "", previous or ""], req.keep)
     return Plan("deploy", target.release, tuple(steps), tuple(notes))
+
+
+def pending_preview_text(env: str, release: str, deploy_id: str) -> str:
+    """The refusal of a deploy while a preview is pending (one line, with the way out)."""
+    return (f"env {env} has a pending preview of release {release} (deploy {deploy_id}): "
+            f"promote it (python -m rollout promote --env {env}) or abort it "
+            f"(python -m rollout abort --env {env}) before deploying")
+
+
+def plan_promote(observed: Deployment, req: PromoteRequest) -> Plan:
+    """Switch to the pending preview's own set: the deploy plan of its release, which must
+    reuse exactly that set (gate, switch, verify, analysis), then end the preview, then retire
+    releases beyond ``keep``. The preview's set gone or stopped: refused (abort, preview
+    again)."""
+    pv = observed.preview
+    if pv is None:
+        raise PlanError(f"env {req.env} has no pending preview: start one with python -m "
+                        f"rollout deploy --env {req.env} --preview")
+    pset = observed.preview_set()
+    fronts = [i for i in pset if i.role == "front"]
+    workers = [i for i in pset if i.role == "worker"]
+    if len(fronts) != 1 or any(i.status != RUNNING for i in pset):
+        raise PlanError(
+            f"the preview of {pv.release} (deploy {pv.deploy_id}) has no complete running set "
+            f"({', '.join(f'{i.name} {i.status}' for i in pset) or 'no instances'}): abort it "
+            f"(python -m rollout abort --env {req.env}) and preview again")
+    plan = plan_deploy(observed, DeployRequest(
+        req.env, req.deploy_id, release=pv.release, workers=len(workers), keep=req.keep,
+        force=req.force, accuracy_tolerance=req.accuracy_tolerance,
+        min_accuracy=req.min_accuracy, promote=True))
+    end = EndPreview(pv.release, "promoted")
+    if not plan.steps or all(isinstance(s, CreateFloatingIP) for s in plan.steps):
+        return Plan("promote", pv.release, (end,), plan.notes)  # already live (a rollback)
+    gate = next((s for s in plan.steps if isinstance(s, HealthGate)), None)
+    if gate is None or gate.front != fronts[0].name or any(
+            isinstance(s, LaunchFront | LaunchWorkers) for s in plan.steps):
+        raise PlanError(f"the preview's set of {pv.release} (deploy {pv.deploy_id}) cannot be "
+                        f"reused: abort it (python -m rollout abort --env {req.env}) and "
+                        "preview again")
+    steps = list(plan.steps)
+    at = next(n for n, s in enumerate(steps) if isinstance(s, Verify)) + 1
+    steps.insert(at, end)  # after the analysis (run at the end of verify), before retiring
+    return Plan("promote", pv.release, tuple(steps), plan.notes)
+
+
+def plan_abort(observed: Deployment, req: AbortRequest) -> Plan:
+    """End the pending preview, then delete its set (never an instance of the live or
+    recorded previous release: a preview that reused such a set only ends)."""
+    pv = observed.preview
+    if pv is None:
+        raise PlanError(f"env {req.env} has no pending preview to abort")
+    spared = observed.spared(preview=False)
+    pset = sorted(i.name for i in observed.preview_set())
+    kept = [n for n in pset if n in spared]
+    names = tuple(n for n in pset if n not in spared)
+    steps: list[Step] = [EndPreview(pv.release, "aborted")]
+    if names:
+        steps.append(DeleteInstances(names, f"aborted preview of {pv.release}"))
+    notes = [f"keeping {', '.join(kept)}: live or previous release"] if kept else []
+    return Plan("abort", pv.release, tuple(steps), tuple(notes))
 
 
 def plan_rollback(observed: Deployment, req: RollbackRequest) -> Plan:
@@ -484,8 +645,10 @@ def plan_cleanup(observed: Deployment, req: CleanupRequest) -> Plan:
                   "runs")
         steps.append(DeleteInstances(tuple(orphans), reason))
     # releases beyond keep (only complete sets remain at this point)
+    previewed = {i.name for i in observed.preview_set()}  # abort's to end, not cleanup's
     remaining = Deployment(observed.env, observed.fip, observed.releases,
                            tuple(i for i in observed.instances if i.name in protected
+                                 and i.name not in previewed
                                  and not (req.active_deploy_id
                                           and i.deploy_id == req.active_deploy_id)))
     steps += _retire(remaining, [live or "", previous or "",
@@ -507,8 +670,8 @@ def check_spared(observed: Deployment, plan: Plan, dead_deploy_id: str = "") -> 
     """Raise PlanError if ``plan`` would delete an instance I1 spares (a last guard the
     executor can run before applying any plan; every planner here already obeys it).
     Retire steps of a deploy run after its switch and are checked against the release it
-    makes previous, not the one recorded now."""
-    spared = observed.spared(dead_deploy_id)
+    makes previous, not the one recorded now. Only ``abort`` may delete the preview's set."""
+    spared = observed.spared(dead_deploy_id, preview=plan.action != "abort")
     after_switch = False
     for step in plan.steps:
         if isinstance(step, Switch):

@@ -7,7 +7,7 @@ holds the env's lock (creating a floating IP just to hold it when the env has no
 from __future__ import annotations
 
 from rollout import health
-from rollout.clouds.base import Deployment
+from rollout.clouds.base import Deployment, preview_env
 from rollout.context import Context
 from rollout.lock import env_lock
 
@@ -30,8 +30,21 @@ def lock_view(observed: Deployment) -> dict | None:
             "expires": lk.expires or None}
 
 
+def preview_view(ctx: Context, observed: Deployment) -> dict | None:
+    """The pending preview and its address, for status."""
+    pv = observed.preview
+    if pv is None:
+        return None
+    pfip = ctx.cloud.find_floating_ip(preview_env(ctx.env))
+    return {"release": pv.release, "deploy_id": pv.deploy_id,
+            "address": pfip.address if pfip else None,
+            "url": health.base_url(pfip.address, ctx.port) + "/" if pfip else None,
+            "instances": [i.name for i in observed.preview_set()]}
+
+
 def status(ctx: Context) -> dict:
-    """Live release, rollback target, lock, floating IP, instances and images of the env."""
+    """Live release, rollback target, lock, pending preview, floating IP, instances and
+    images of the env."""
     observed = observe(ctx)
     fip = observed.fip
     live = observed.live_instance
@@ -47,6 +60,7 @@ def status(ctx: Context) -> dict:
         "live_colour": live.colour if live else None,
         "previous": observed.previous,
         "lock": lock_view(observed),
+        "preview": preview_view(ctx, observed),
         "instances": [
             {"name": i.name, "release": i.release, "colour": i.colour, "role": i.role,
              "status": i.status, "address": i.address, "deploy_id": i.deploy_id,
@@ -74,7 +88,8 @@ def history(ctx: Context) -> list[dict]:
 
 
 def destroy(ctx: Context, *, break_lock: bool = False) -> dict:
-    """Delete every instance of the env and its floating IP, holding the env's lock."""
+    """Delete every instance of the env and its floating IPs (its preview one too), holding
+    the env's lock."""
     fip = ctx.cloud.find_floating_ip(ctx.env)
     if fip is None and not ctx.cloud.list_instances(ctx.env):
         return {"action": "destroy", "env": ctx.env, "deleted": [], "floating_ip": None}
@@ -84,6 +99,10 @@ def destroy(ctx: Context, *, break_lock: bool = False) -> dict:
             with ctx.reporter.step(f"delete {inst.name} ({inst.release}, {inst.role})"):
                 ctx.cloud.delete_instance(inst.id)
             names.append(inst.name)
+        pfip = ctx.cloud.find_floating_ip(preview_env(ctx.env))
+        if pfip is not None:
+            with ctx.reporter.step(f"release the preview address {pfip.address}"):
+                ctx.cloud.delete_floating_ip(pfip)
         fip = ctx.cloud.find_floating_ip(ctx.env)
         if fip is not None:
             with ctx.reporter.step(f"release floating IP {fip.address}"):

@@ -127,7 +127,7 @@ def sweep_test_forwards(project: str = TEST_PROJECT) -> list[str]:
     for fwd in fwds:
         cfg = fwd.get("config") or {}
         if cfg.get("user.modelserve.project") == project and \
-                cfg.get("user.modelserve.env") in _state["envs"]:
+                cfg.get("user.modelserve.env", "").removesuffix(".preview") in _state["envs"]:
             subprocess.run(["lxc", "network", "forward", "delete", _bridge(),
                             fwd["listen_address"]], capture_output=True, timeout=60, check=False)
             gone.append(fwd["listen_address"])

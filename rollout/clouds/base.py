@@ -184,12 +184,39 @@ class Lock:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """A release launched and gated by ``deploy --preview`` and not yet promoted or aborted:
+    its set (``deploy_id``) is served on the env's preview address, and no deploy may start
+    until it is promoted or aborted. Encoded ``release|deploy_id`` (Neutron's description,
+    which holds the whole ``FipState``, is 255 characters at most)."""
+
+    release: str
+    deploy_id: str
+
+    def encode(self) -> str:
+        return f"{self.release}|{self.deploy_id}"
+
+    @classmethod
+    def decode(cls, text: str) -> Preview | None:
+        """Inverse of ``encode``; None for an empty or unparsable value."""
+        release, _, deploy_id = str(text).partition("|")
+        return cls(release, deploy_id) if release and deploy_id else None
+
+
+def preview_env(env: str) -> str:
+    """The key of an env's preview floating IP: ``<env>.preview`` ('.' is never part of an
+    env name, so no env's own floating IP can be taken for a preview one)."""
+    return f"{env}.preview"
+
+
+@dataclass(frozen=True)
 class FipState:
     """The environment's mutable state, stored on its floating IP (see module doc)."""
 
     live: str = ""  # release the floating IP serves (informational; target is the truth)
     previous: str = ""  # rollback target
     lock: Lock | None = None
+    preview: Preview | None = None  # a pending preview (deploy --preview), until promote/abort
 
     def encode(self) -> str:
         """Compact JSON (< 255 chars for sane ids) for clouds that keep it in one string."""
@@ -200,6 +227,8 @@ class FipState:
             d["p"] = self.previous
         if self.lock:
             d["k"] = self.lock.encode()
+        if self.preview:
+            d["v"] = self.preview.encode()
         return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -214,7 +243,8 @@ class FipState:
         lock = None
         if d.get("k"):
             lock = Lock.decode(str(d["k"]))
-        return cls(live=str(d.get("l", "")), previous=str(d.get("p", "")), lock=lock)
+        return cls(live=str(d.get("l", "")), previous=str(d.get("p", "")), lock=lock,
+                   preview=Preview.decode(str(d.get("v") or "")))
 
 
 @dataclass(frozen=True)
@@ -326,6 +356,17 @@ class Deployment:
         return (self.fip.state.previous or None) if self.fip else None
 
     @property
+    def preview(self) -> Preview | None:
+        """The env's pending preview, if any."""
+        return self.fip.state.preview if self.fip else None
+
+    def preview_set(self) -> tuple[Instance, ...]:
+        """The instances of the pending preview (its release and deploy id)."""
+        pv = self.preview
+        return tuple(i for i in self.instances
+                     if pv and i.release == pv.release and i.deploy_id == pv.deploy_id)
+
+    @property
     def known_deploy_ids(self) -> frozenset[str]:
         """Deploy ids of runs known to have finished a switch: the live front's and every
         one recorded in history, plus the previous release's when it has exactly one set.
@@ -338,13 +379,16 @@ class Deployment:
             prev_ids = {i.deploy_id for i in self.instances_of(self.previous)}
             if len(prev_ids) == 1:
                 ids |= prev_ids
+        if self.preview:
+            ids.add(self.preview.deploy_id)  # a finished preview run: its set is no leftover
         return frozenset(ids)
 
-    def spared(self, dead_deploy_id: str = "") -> frozenset[str]:
+    def spared(self, dead_deploy_id: str = "", *, preview: bool = True) -> frozenset[str]:
         """Names of the instances no cleanup/destroy-like step may delete (invariant I1):
         every instance of the live release and of the recorded previous release, whatever its
-        status. The one exception is a dead run's own instances (``dead_deploy_id``, the deploy
-        id of a lock that was broken) that are not the live front's set."""
+        status, and (unless ``preview=False``: ``abort``) the pending preview's set. The one
+        exception is a dead run's own instances (``dead_deploy_id``, the deploy id of a lock
+        that was broken) that are not the live front's set."""
         releases = {r for r in (self.live, self.previous) if r}
         if self.fip and self.fip.state.live:
             releases.add(self.fip.state.live)
@@ -360,6 +404,8 @@ class Deployment:
             out.add(i.name)
         if inst:
             out.add(inst.name)
+        if preview:
+            out |= {i.name for i in self.preview_set()}
         return frozenset(out)
 
     def release(self, name: str) -> Release | None:

@@ -63,6 +63,7 @@ from rollout.clouds.base import (
     Instance,
     InstanceSpec,
     Lock,
+    Preview,
     Release,
     by_newest,
 )
@@ -400,7 +401,8 @@ class LXDCloud(CloudBase):
             env=cfg.get(PREFIX + "env", ""), target=target,
             revision=cfg.get(PREFIX + "revision", "0"),
             state=FipState(live=cfg.get(PREFIX + "live", ""),
-                           previous=cfg.get(PREFIX + "previous", ""), lock=lock),
+                           previous=cfg.get(PREFIX + "previous", ""), lock=lock,
+                           preview=Preview.decode(cfg.get(PREFIX + "preview", ""))),
             history=history,
         )
 
@@ -562,7 +564,7 @@ class LXDCloud(CloudBase):
                     f"(revision {cfg.get(PREFIX + 'revision')} != {if_revision})")
             old_address = _forwarded_address(current)
             old_target = cfg.get(PREFIX + "target") or old_address or None
-            for key in ("live", "previous", "lock", "target"):
+            for key in ("live", "previous", "lock", "target", "preview"):
                 cfg.pop(PREFIX + key, None)
             # a forward written by an older rollout forwarded every port (a default target)
             cfg.pop("target_address", None)
@@ -580,6 +582,8 @@ class LXDCloud(CloudBase):
                 cfg[PREFIX + "previous"] = state.previous
             if state.lock:
                 cfg[PREFIX + "lock"] = state.lock.encode()
+            if state.preview:
+                cfg[PREFIX + "preview"] = state.preview.encode()
             cfg[PREFIX + "revision"] = str(int(if_revision or "0") + 1)
             body = {"description": current.get("description", ""), "config": cfg,
                     "ports": _app_ports(address)}

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from localcloud.lxd.project import ensure_project, lxc_conf_dir
+from rollout.clouds.base import preview_env
 from rollout.clouds.lxd import LXDCloud
 from tests import lxd_guard
 from tests.e2e.standin import build_standin, image_exists, lxc
@@ -106,12 +107,13 @@ def release_pair() -> tuple[str, str]:
 
 
 def destroy_env(cloud: LXDCloud, env: str) -> None:
-    """Delete everything an env has (instances, floating IP, mutex profile)."""
+    """Delete everything an env has (instances, floating IPs, mutex profiles)."""
     for inst in cloud.list_instances(env):
         cloud.delete_instance(inst.id)
-    while (fip := cloud.find_floating_ip(env)) is not None:
-        cloud.delete_floating_ip(fip)
-    cloud._drop_mutex(env, force=True)  # noqa: SLF001 - a test's env: nobody else's
+    for key in (env, preview_env(env)):
+        while (fip := cloud.find_floating_ip(key)) is not None:
+            cloud.delete_floating_ip(fip)
+        cloud._drop_mutex(key, force=True)  # noqa: SLF001 - a test's env: nobody else's
 
 
 def new_env_name(prefix: str = "t") -> str:

@@ -41,16 +41,18 @@ def standin_sha(release: str) -> str:
 def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = False,
                   base: str = BASE, built_at: str | None = None,
                   claimed_sha: str | None = None, accuracy_floor: float = 0.5,
-                  degrade: str = "") -> str:
+                  degrade: str = "", flip: bool = False) -> str:
     """Publish ``modelserve-<release>`` from the base image with the stand-in app.
 
     ``claimed_sha``: the image property says this model sha256, the app serves another one.
     ``degrade``: ``"fail N"`` / ``"slow N"``, baked into the image (/opt/standin/degrade): N s
     after its first prediction (the health gate's) the app answers 500 / 1.5 s late.
+    ``flip``: baked /opt/standin/flip: every prediction is probability 0.75, label 1 (the
+    default stand-in answers 0.25, label 0), a model that flips every label.
     """
     alias = f"modelserve-{release}"
     spec = hashlib.sha256(repr((accuracy, fail_readyz, claimed_sha, accuracy_floor, "standin",
-                                degrade,
+                                degrade, flip,
                                 (HERE / "server.py").read_bytes())).encode()).hexdigest()[:16]
     if image_exists(alias):
         have = lxc("image", "get-property", alias, "standin_spec", check=False).strip()
@@ -68,6 +70,7 @@ def build_standin(release: str, *, accuracy: float = 0.78, fail_readyz: bool = F
         script = (f"echo {standin_sha(release)} > /opt/standin/model_sha256 && "
                   + ("touch /opt/standin/fail_readyz && " if fail_readyz else "")
                   + (f"echo '{degrade}' > /opt/standin/degrade && " if degrade else "")
+                  + ("touch /opt/standin/flip && " if flip else "")
                   + "mkdir -p /etc/systemd/system/multi-user.target.wants && ln -sf "
                   "/etc/systemd/system/modelserve-standin.service "
                   "/etc/systemd/system/multi-user.target.wants/ && cloud-init clean --logs")

@@ -8,10 +8,6 @@ from any hook of the tool. One deploy pair: ``standin-a`` live, then the degradi
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from rollout.health import fetch_version
@@ -20,29 +16,6 @@ from tests.e2e.standin import build_standin
 
 pytestmark = pytest.mark.e2e
 BLUE, BAD = "standin-a", "standin-degrades"
-
-
-@pytest.fixture
-def receiver():
-    """A real CloudEvents receiver on loopback: yields (url, list of received bodies)."""
-    got: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            n = int(self.headers.get("Content-Length") or 0)
-            got.append({"content_type": self.headers.get("Content-Type"),
-                        **json.loads(self.rfile.read(n))})
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/events", got
-    srv.shutdown()
-    srv.server_close()
 
 
 def test_a_release_that_degrades_after_the_switch_is_rolled_back(cloud, new_env, receiver):

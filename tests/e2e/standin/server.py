@@ -5,6 +5,8 @@ Speaks the app contract's health/version/prediction routes from /etc/modelserve/
 present -> /readyz answers 503 (a broken release). ``/opt/standin/degrade`` ("fail N" or
 "slow N"): N seconds after the first prediction it answers (the health gate's), every route
 answers 500 ("fail") or 1.5 s late ("slow"): a release that degrades once it is live.
+``/opt/standin/flip`` present -> every prediction is probability 0.75, label 1 (instead of
+0.25, label 0): a release whose model flips every label (the model-diff gate's test).
 /metrics: ``modelserve_http_requests_total{method,route,status}`` like the real app.
 
 Workers (``--workers``): a stand-in worker has no Celery; it announces itself (hostname, model
@@ -38,6 +40,8 @@ DEGRADE = _DEGRADE.read_text().split() if _DEGRADE.exists() else []
 FIRST_PREDICTION = []  # monotonic time of the first prediction
 COUNTS = {}  # (method, route, status) -> n
 LOCK = threading.Lock()
+FLIP = Path("/opt/standin/flip").exists()
+ANSWER = {"probability": 0.75, "label": 1} if FLIP else {"probability": 0.25, "label": 0}
 
 
 def degraded():
@@ -121,7 +125,7 @@ class Handler(BaseHTTPRequestHandler):
         if not FIRST_PREDICTION:
             FIRST_PREDICTION.append(time.monotonic())
         k = len(body.get("instances", []))
-        self._send(200, {"predictions": [{"probability": 0.25, "label": 0}] * k,
+        self._send(200, {"predictions": [ANSWER] * k,
                          "model": {"version": "standin", "sha256": SHA}})
 
 

@@ -62,24 +62,27 @@ class App:
         self.slow_s = 0.3
         self.counts: dict[tuple[str, int], int] = {}
         self.mu = threading.Lock()
+        self.probability = 0.3  # every prediction's (label: >= 0.5)
+        self.predict_fail = 0  # answer predictions with this HTTP status (0: answer)
+        self.holdout: list[dict] | None = None  # GET /api/v1/model/holdout rows (None: 404)
 
     def degrade(self, mode: str, after_s: float = 0.0, slow_s: float = 0.3) -> None:
         """Turn failing (HTTP 500) or slow ``after_s`` seconds from now."""
         self.degrade_mode, self.slow_s = mode, slow_s
         self.degrade_at = time.monotonic() + after_s
 
-    def answer(self, method: str, path: str) -> tuple[int, dict]:
+    def answer(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
         if path == "/metrics":
             with self.mu:
                 lines = [f'modelserve_http_requests_total{{method="GET",route="{r}",'
                          f'status="{c}"}} {n}.0' for (r, c), n in sorted(self.counts.items())]
             return 200, "\n".join(lines) + "\n"
-        code, body = self._answer(method, path)
+        code, out = self._answer(method, path, body)
         with self.mu:
             self.counts[(path, code)] = self.counts.get((path, code), 0) + 1
-        return code, body
+        return code, out
 
-    def _answer(self, method: str, path: str) -> tuple[int, dict]:
+    def _answer(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
         if self.degrade_at is not None and time.monotonic() >= self.degrade_at:
             if self.degrade_mode == "fail":
                 return 500, {"error": "degraded"}
@@ -94,20 +97,29 @@ class App:
         if path == "/api/v1/workers":
             return 200, {"workers": self.workers()}
         if method == "POST" and path == "/api/v1/predictions":
-            return 200, {"predictions": [{"probability": 0.3, "label": 0}],
+            if self.predict_fail:
+                return self.predict_fail, {"error": "prediction failed"}
+            try:
+                n = len(json.loads(body or b"{}").get("instances", [])) or 1
+            except (ValueError, AttributeError):
+                n = 1
+            p = self.probability
+            return 200, {"predictions": [{"probability": p, "label": int(p >= 0.5)}] * n,
                          "model": {"version": "1", "sha256": self.sha}}
+        if path == "/api/v1/model/holdout" and self.holdout is not None:
+            return 200, {"rows": self.holdout, "version": "1"}
         return 404, {"error": "not found"}
 
 
-def serve(address: str, port: int, route) -> ThreadingHTTPServer:
-    """A threaded HTTP server on address:port answering with ``route(method, path)``."""
+def serve(address: str, port: int, route, with_body: bool = False) -> ThreadingHTTPServer:
+    """A threaded HTTP server on address:port answering with ``route(method, path)``
+    (``route(method, path, body)`` when ``with_body``)."""
 
     class Handler(BaseHTTPRequestHandler):
         def _go(self, method: str) -> None:
             n = int(self.headers.get("Content-Length") or 0)
-            if n:
-                self.rfile.read(n)
-            code, body = route(method, self.path)
+            data = self.rfile.read(n) if n else b""
+            code, body = route(method, self.path, data) if with_body else route(method, self.path)
             data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -148,6 +160,7 @@ class FakeCloud(CloudBase):
         self.fip_servers: dict[str, ThreadingHTTPServer] = {}
         self.fail: dict[str, list[BaseException]] = {}
         self.unready_releases: set[str] = set()
+        self.probabilities: dict[str, float] = {}  # release -> its fronts' prediction
         self.calls: list[str] = []
         self.sleep = lambda s: None
 
@@ -220,9 +233,10 @@ class FakeCloud(CloudBase):
                   image={"release": spec.release.release, "git_sha": spec.release.git_sha,
                          "model_sha256": spec.release.model_sha256,
                          "provenance": spec.release.provenance})
+        app.probability = self.probabilities.get(inst.release, app.probability)
         self.apps[inst.id] = app
         if inst.role == "front":
-            self.servers[inst.id] = serve(address, self.port, app.answer)
+            self.servers[inst.id] = serve(address, self.port, app.answer, with_body=True)
         return inst
 
     def delete_instance(self, instance_id, *, ignore_missing=True):
@@ -263,15 +277,15 @@ class FakeCloud(CloudBase):
                              revision="1")
             self.fips[env] = fip
 
-        def route(method: str, path: str):
+        def route(method: str, path: str, body: bytes = b""):
             cur = self.fips.get(env)
             target = next((i for i in self.instances.values()
                            if cur and i.port == cur.target), None)
             if target is None:
                 return 502, {"error": "no target"}
-            return self.apps[target.id].answer(method, path)
+            return self.apps[target.id].answer(method, path, body)
 
-        self.fip_servers[env] = serve(address, self.port, route)
+        self.fip_servers[env] = serve(address, self.port, route, with_body=True)
         return fip
 
     def update_floating_ip(self, fip, *, target, state: FipState, if_revision):

@@ -149,6 +149,9 @@ def test_unhealthy_release_is_refused(cloud):
     with pytest.raises(HealthCheckFailed, match="did not become healthy"):
         deploy(cloud, "b", health_timeout=5)
     _assert_untouched(cloud, before)
+    last = cloud.fips[ENV].history[-1]  # history tells the story of the refused release
+    assert (last.action, last.release, last.from_release) == ("failed", "b", "a")
+    assert "did not become healthy" in last.detail and ";" not in last.detail
 
 
 def test_wrong_model_is_refused(cloud):
