@@ -190,6 +190,9 @@ class Executor:
         """Append a history event (best effort: a failure is a warning)."""
         if self.result.get("diff_detail"):  # the model-diff gate's figures go with the run
             detail = f"{detail} {self.result['diff_detail']}".strip()
+        if self.probe_result is not None:  # and the switch probe's
+            pr = self.probe_result
+            detail = f"{detail} probe={pr.failed}/{pr.total} failed".strip()
         try:
             cur = self.ctx.cloud.find_floating_ip(self.ctx.env)
             if cur is not None:

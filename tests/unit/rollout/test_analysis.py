@@ -128,6 +128,7 @@ def test_a_healthy_release_passes_and_history_has_the_figures(cloud):
     last = cloud.fips[ENV].history[-1]
     assert (last.action, last.release, last.from_release) == ("deploy", "b", "a")
     assert last.detail.startswith("analysis passed err=0.00%")
+    assert f"probe=0/{res['probe']['total']} failed" in last.detail  # the switch probe too
     assert cloud.fips[ENV].state.lock is None
 
 
