@@ -21,7 +21,7 @@ from app.client import EXPIRY_MARGIN
 from app.config import load_config
 from app.web import create_app
 from devtools import services as svc
-from tests.integration.conftest import build_stack, teardown_stack
+from tests.integration.stack import build_stack, teardown_stack
 from tests.integration.test_fuzz import NAMES, bad_bodies
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import requests
 
-from tests.integration.conftest import build_stack, teardown_stack
+from tests.integration.stack import build_stack, teardown_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 TIMEOUT = 3.0

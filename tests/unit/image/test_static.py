@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+ROOT = Path(__file__).resolve().parents[3]
 
 pytestmark = [pytest.mark.usefixtures("host_tools")]
 PACKER = ROOT / "packer"
