@@ -25,7 +25,7 @@ train: venv ## retrain the committed model bundle (app/bundle)
 	$(PY) -m app.train --out app/bundle
 
 lint: venv ## ruff + shellcheck
-	$(VENV)/bin/ruff check app rollout devtools tests bench packer localcloud
+	$(VENV)/bin/ruff check app rollout devtools tests bench packer localcloud tools
 	shellcheck $$(git ls-files '*.sh')
 
 test-unit: venv ## unit tests only (no services)

@@ -1,6 +1,6 @@
 # image tier (issue 3): the local LXD cloud, `make image` (Packer) and its tests.
 # Included by the top Makefile (-include mk/*.mk), before rollout.mk, so RELEASE is ours.
-.PHONY: local-cloud image test-image bench-bake lint-image
+.PHONY: local-cloud image test-image bench-bake lint-image lock
 
 CLOUD ?= lxd
 IMAGE_ENV ?= dev
@@ -15,6 +15,9 @@ local-cloud: ## LXD daemon, storage pool, msbr0 NAT bridge, Debian 12 base image
 
 image: ## bake modelserve-$(RELEASE) from git archive of HEAD (CLOUD=lxd|openstack, RELEASE=..., IMAGE_ENV=dev, ALLOW_DIRTY=1)
 	python3 packer/bake.py --cloud $(CLOUD) --release $(RELEASE) --env $(IMAGE_ENV) $(if $(ALLOW_DIRTY),--allow-dirty)
+
+lock: ## regenerate requirements.lock (hashes of the image's wheels) after changing requirements.txt/constraints.txt
+	python3 tools/lock_requirements.py
 
 lint-image: ## packer fmt/validate (syntax) and shellcheck of the image scripts
 	cd packer && packer fmt -check . && packer fmt -check plugins

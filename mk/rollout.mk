@@ -35,7 +35,7 @@ demo: ## local cloud + image (if missing) + deploy, one line per phase; prints t
 	  --image-env $(IMAGE_ENV) --python $(PY) --venv $(VENV) \
 	  $(if $(DEMO_LOG),--log $(DEMO_LOG)) $(foreach a,$(DEMO_BAKE_ARGS),--bake-arg=$(a))
 
-release: venv ## bake the current tree (app + model bundle) and deploy it (blue-green)
+release: venv ## bake HEAD (git archive; ALLOW_DIRTY=1: the working tree) and deploy it (blue-green)
 	$(MAKE) local-cloud
 	$(MAKE) image RELEASE=$(RELEASE)
 	$(PY) -m rollout deploy --env $(ROLLOUT_ENV) --release $(RELEASE)

@@ -52,7 +52,8 @@ TARGET_PYTHON = "3.11.2"  # Debian 12's python3: markers (python_full_version) n
 DEPS_SCRIPTS = ("lib.sh", "trust_build_ca.sh", "upgrade_os.sh", "install_rabbitmq.sh",
                 "create_venv.sh", "cleanup.sh")
 # What the release layer is built from: `git archive` of HEAD (a dirty tree: --allow-dirty).
-RELEASE_INPUTS = ("app", "requirements.txt", "constraints.txt", "image-scripts")
+RELEASE_INPUTS = ("app", "requirements.txt", "constraints.txt", "requirements.lock", "image-scripts")
+LOCK = "requirements.lock"  # tools/lock_requirements.py (`make lock`): pins + sha256 of every wheel
 # what image-scripts/lib.sh prints: its ERR trap, and die()
 FAILED_AT = re.compile(r"failed at (\S+\.sh):(\d+) \(exit (\d+)\): (.*)")
 DIED = re.compile(r"\[(\S+\.sh)\] ERROR: (.*) \((\S+\.sh):(\d+)\)$")
@@ -257,7 +258,7 @@ def prepare_inputs(work: Path, extra_ca: str, with_app: bool, scripts_dir: Path,
     src = src or ROOT
     inputs = work / "inputs"
     inputs.mkdir(parents=True)
-    for name in ("requirements.txt", "constraints.txt"):
+    for name in ("requirements.txt", "constraints.txt", LOCK):
         shutil.copy2(src / name, inputs / name)
     (inputs / "extra-ca.pem").write_text(extra_ca)
     if with_app:
@@ -270,21 +271,61 @@ def prepare_inputs(work: Path, extra_ca: str, with_app: bool, scripts_dir: Path,
     return tarball
 
 
+def lock_module():
+    """tools/lock_requirements.py (stdlib; loaded by path: bake.py runs before any venv)."""
+    import importlib.util
+
+    path = ROOT / "tools" / "lock_requirements.py"
+    if not path.is_file():
+        raise BakeError(f"no {path.relative_to(ROOT)} (it checks and writes {LOCK})")
+    spec = importlib.util.spec_from_file_location("modelserve_lock_requirements", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def check_lock(src: Path | None = None) -> None:
+    """BakeError "requirements.lock is out of date: run make lock" when ``src`` (default the
+    checkout) has no requirements.lock, or one that does not pin requirements.txt's versions
+    (and constraints.txt's), each with a sha256, for the image's Python."""
+    mod = lock_module()
+    try:
+        mod.check(src or ROOT, TARGET_PYTHON)
+    except mod.LockError as exc:
+        raise BakeError(str(exc)) from None
+
+
 def requirements_key() -> str:
-    """Hash of the pinned requirements and the target Python."""
+    """Hash of the pinned requirements, their lock (the wheels' sha256) and the target Python."""
     h = hashlib.sha256(TARGET_PYTHON.encode())
-    for name in ("requirements.txt", "constraints.txt"):
+    for name in ("requirements.txt", "constraints.txt", LOCK):
         h.update((ROOT / name).read_bytes())
     return h.hexdigest()[:16]
 
 
+def hash_mismatch(pip_stderr: str) -> str:
+    """'<file> has sha256 <got>…, the lock says <expected>…' when pip refused a file in hash-checking
+    mode (its "DO NOT MATCH THE HASHES" report), else ''."""
+    if "DO NOT MATCH THE HASHES" not in pip_stderr:
+        return ""
+    what = re.search(r"^\s+(\S+)(?: from (\S+))?.*\n\s+Expected sha256 (\w+)(?:\n\s+or \S+ \w+)*"
+                     r"\n\s+Got\s+(\w+)", pip_stderr, re.M)
+    if not what:
+        return "a downloaded file does not match its sha256 in the lock"
+    name, url, expected, got = what.groups()
+    return (f"{(url or name).rsplit('/', 1)[-1]} has sha256 {got[:12]}…, the lock says "
+            f"{expected[:12]}…")
+
+
 def ensure_wheelhouse() -> Path:
-    """pip download the pinned requirements once per requirements hash (TensorFlow included)."""
+    """pip download the locked requirements once per requirements hash (TensorFlow included),
+    in hash-checking mode: a wheel whose sha256 is not the one in requirements.lock (tampered
+    with, or substituted by a mirror) fails the download, and so the bake."""
     stamp = WHEELHOUSE / f".complete-{requirements_key()}"
     if stamp.exists():
         return WHEELHOUSE
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    log(f"wheelhouse: pip download of requirements.txt into {WHEELHOUSE}")
+    log(f"wheelhouse: pip download --require-hashes of {LOCK} into {WHEELHOUSE}")
     # pip evaluates environment markers (python_full_version < "3.11.3" pulls async-timeout)
     # with the interpreter it runs on, so download with one of the image's exact version.
     python = os.environ.get("MODELSERVE_WHEELHOUSE_PYTHON", "/usr/bin/python3")
@@ -293,13 +334,17 @@ def ensure_wheelhouse() -> Path:
         raise BakeError(f"{python} is Python {have.strip()}, the image has {TARGET_PYTHON}: set "
                         "MODELSERVE_WHEELHOUSE_PYTHON to a Python of that version with pip")
     cmd = [python, "-m", "pip", "download", "--disable-pip-version-check",
-           "--only-binary=:all:",
-           "-r", str(ROOT / "requirements.txt"), "-c", str(ROOT / "constraints.txt"),
+           "--only-binary=:all:", "--require-hashes", "-r", str(ROOT / LOCK),
            "-d", str(WHEELHOUSE)]
     for attempt in (1, 2, 3):
         proc = subprocess.run(cmd, text=True, capture_output=True)
         if proc.returncode == 0:
             break
+        mismatch = hash_mismatch(proc.stderr)
+        if mismatch:  # not transient: another try would fetch the same file
+            raise BakeError(f"pip download --require-hashes -r {LOCK}: {mismatch}; the index "
+                            "served a file that is not the locked one (tampered with or "
+                            "substituted), or the lock is wrong (make lock)")
         log(f"pip download failed (try {attempt}/3): {proc.stderr.strip().splitlines()[-1:]}")
         time.sleep(3 * attempt)
     else:
@@ -613,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="modelserve-bake-") as tmp:
             args.src, sha, dirty = source_tree(Path(tmp), allow_dirty=args.allow_dirty,
                                                custom_scripts=custom_scripts)
+            check_lock(args.src)  # the venv installs from it with --require-hashes
             prov = provenance(args.src / "app", sha, dirty)
             if not custom_scripts:
                 args.scripts_dir = args.src / "image-scripts"

@@ -110,7 +110,7 @@ variable "env_name" {
 
 variable "inputs_tarball" {
   type        = string
-  description = "Tarball prepared by bake.py: inputs/ (requirements.txt, constraints.txt, app.tar, extra-ca.pem) and scripts/ (image-scripts)."
+  description = "Tarball prepared by bake.py: inputs/ (requirements.txt, constraints.txt, requirements.lock, app.tar, extra-ca.pem) and scripts/ (image-scripts)."
 }
 
 variable "manifest_path" {

@@ -154,7 +154,7 @@ def _repo(tmp_path: Path) -> Path:
     """A small git checkout with what the release layer is built from."""
     root = tmp_path / "repo"
     for rel, text in (("app/__init__.py", "__version__ = '1'\n"), ("requirements.txt", "x==1\n"),
-                      ("constraints.txt", ""), ("image-scripts/a.sh", "true\n"),
+                      ("constraints.txt", ""), ("requirements.lock", ""), ("image-scripts/a.sh", "true\n"),
                       ("packer/x.pkr.hcl", "")):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
