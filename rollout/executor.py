@@ -96,6 +96,7 @@ class Executor:
         self.switched_from: FloatingIP | None = None  # FIP as it was before our switch
         self.switched_to: str | None = None  # the port our switch pointed it at
         self.preview_pointed: FloatingIP | None = None  # the preview address we aimed (undo)
+        self.preview_lent: str | None = None  # promote: the port the preview address let go
         self.verified = False
         # committed: the new release is the truth (verified, and its analysis passed or
         # there is nothing to roll back to); before that, undo switches back
@@ -358,6 +359,8 @@ class Executor:
                                 "floating IP may still point at them; check "
                                 f"python -m rollout status --env {ctx.env}")
                 self.created = []
+            if self.preview_lent is not None:
+                self._give_back_preview(problems)
             if any(n not in self.by_name for n in self.created):
                 try:  # a create interrupted before it returned: find its id by name
                     for i in ctx.cloud.list_instances(ctx.env):
@@ -531,6 +534,8 @@ class Executor:
         state = FipState(live=step.release, previous=step.previous or "",
                          lock=fip.state.lock if self.lock else None,
                          preview=None if self.plan.action == "promote" else fip.state.preview)
+        if self.plan.action == "promote":
+            self._lend_preview_address()
         self.switched_from, self.switched_to = fip, front.port
         t0 = time.monotonic()
         try:
@@ -630,6 +635,29 @@ class Executor:
         ctx.reporter.info(f"preview: {url} serves {step.release}; the floating IP still serves "
                           f"{self.observed.live or 'nothing'}")
         self._record("preview", step.release, self.observed.live or "", f"at {pfip.address}")
+
+    def _lend_preview_address(self) -> None:
+        """Promote: Neutron allows one floating IP per fixed IP, so the preview address lets
+        go of green before the floating IP takes it (undo points it back)."""
+        pfip = self._preview_fip(create=False)
+        if pfip is not None and pfip.target:
+            self.preview_lent = pfip.target
+            self.ctx.cloud.update_floating_ip(pfip, target=None, state=FipState(),
+                                              if_revision=pfip.revision)
+
+    def _give_back_preview(self, problems: list[str]) -> None:
+        """Undo of a promote: the preview address serves green again (after the floating IP
+        went back to blue), so the preview stays pending as it was."""
+        try:
+            pfip = self._preview_fip(create=False)
+            if pfip is not None and not pfip.target:
+                self.ctx.cloud.update_floating_ip(pfip, target=self.preview_lent,
+                                                  state=FipState(live=self.plan.release or ""),
+                                                  if_revision=pfip.revision)
+        except Exception as err:  # noqa: BLE001 - report, keep undoing
+            problems.append(f"could not point the preview address back at "
+                            f"{self.plan.release}: {err}")
+        self.preview_lent = None
 
     def _unpoint_preview(self, problems: list[str]) -> None:
         """Undo of a preview: the preview address serves nothing again."""

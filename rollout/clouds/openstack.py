@@ -128,6 +128,9 @@ class OpenStackCloud(CloudBase):
             if "quota" in text.lower() or "overquota" in text.lower().replace(" ", ""):
                 raise CloudError(f"{what}: quota exceeded ({text}); free resources or raise "
                                  "the project's quota") from exc
+            if code == 409 and "already has a floating ip" in text.lower():
+                # Neutron: one floating IP per fixed IP and external network; permanent
+                raise CloudError(f"{what}: HTTP 409: {text}") from exc
             if code >= 500 or code in (408, 409, 429):
                 raise TransientCloudError(f"{what}: HTTP {code}: {text}") from exc
             raise CloudError(f"{what}: HTTP {code}: {text}") from exc

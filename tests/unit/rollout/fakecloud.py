@@ -30,7 +30,7 @@ from rollout.clouds.base import (
     Release,
     by_newest,
 )
-from rollout.errors import Conflict, NotFound
+from rollout.errors import CloudError, Conflict, NotFound
 from rollout.seed import parse_user_data
 
 _hosts = itertools.count(10)
@@ -301,6 +301,10 @@ class FakeCloud(CloudBase):
                 store, key = self.fips, fip.env
             if cur.revision != if_revision:
                 raise Conflict(f"revision {cur.revision} != {if_revision}")
+            if target and any(f.target == target and f.id != cur.id
+                              for f in [*self.fips.values(), *self.dup_fips.values()]):
+                # Neutron: one floating IP per fixed IP and external network (permanent 409)
+                raise CloudError(f"port {target} already has a floating IP")
             new = replace(cur, target=target, state=state, revision=str(int(cur.revision) + 1))
             store[key] = new
             return new
