@@ -67,21 +67,37 @@ def _ours(ctx: Context, fip: FloatingIP | None) -> bool:
 
 
 def _acquire(ctx: Context, *, break_lock: bool, create: bool) -> tuple[Lock, FloatingIP | None]:
-    """Take the lock; returns it and the floating IP this run created (if any)."""
+    """Take the lock; returns it and the floating IP this run created (if any). A run that
+    loses (DeployLocked) after allocating a floating IP that is not the env's one releases
+    it: a race into a new env leaves one floating IP (I11)."""
+    created: list[FloatingIP] = []
+    try:
+        return _acquire_once(ctx, break_lock=break_lock, create=create, created=created)
+    except DeployLocked:
+        if created:
+            cur = ctx.cloud.find_floating_ip(ctx.env)
+            if cur is None or cur.id != created[0].id:
+                _discard(ctx, created[0])
+        raise
+
+
+def _acquire_once(ctx: Context, *, break_lock: bool, create: bool,
+                  created: list[FloatingIP]) -> tuple[Lock, FloatingIP | None]:
     cloud, env = ctx.cloud, ctx.env
-    created: FloatingIP | None = None
+    made: FloatingIP | None = None
     for _attempt in range(ATTEMPTS):
         fip = cloud.find_floating_ip(env)
         if fip is None:
             if not create:
                 raise PlanError(f"env {env} has no floating IP: nothing was ever deployed")
-            if created is not None:
-                raise CloudError(f"the floating IP {created.address} of env {env} vanished")
+            if made is not None:
+                raise CloudError(f"the floating IP {made.address} of env {env} vanished")
             pause_hook("create_floating_ip")
             with ctx.reporter.step(f"allocate the floating IP of env {env}"):
                 try:
-                    created = cloud.create_floating_ip(env)
-                except Conflict:  # another run created it: use theirs
+                    made = cloud.create_floating_ip(env)
+                    created[:] = [made]
+                except Conflict:  # another run made it: use theirs
                     pass
             continue  # re-read: the cloud's answer is the env's one floating IP
         held = fip.state.lock
@@ -102,14 +118,16 @@ def _acquire(ctx: Context, *, break_lock: bool, create: bool) -> tuple[Lock, Flo
             continue
         cur = cloud.find_floating_ip(env)
         if cur is not None and cur.id == locked.id and _ours(ctx, cur):
-            if created is not None and created.id != cur.id:
-                _discard(ctx, created)
+            if made is not None and made.id != cur.id:
+                _discard(ctx, made)
+                created.clear()
             ctx.held = mine
-            return mine, (created if created is not None and created.id == cur.id else None)
+            return mine, (made if made is not None and made.id == cur.id else None)
         # our lock sits on a floating IP that is not (or no longer) the env's one
-        if created is not None and created.id == locked.id:
+        if made is not None and made.id == locked.id:
             _discard(ctx, locked)
-            created = None
+            made = None
+            created.clear()
     raise RolloutError(f"could not take the lock of env {env}: it keeps changing; retry")
 
 
