@@ -20,7 +20,6 @@ import sys
 from enum import IntEnum
 
 from rich.console import Console
-from rich.table import Table
 
 from app.release_id import RULE as RELEASE_RULE
 from app.release_id import is_release_id
@@ -255,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_status(con: Console, st: dict) -> None:
+    from rich.table import Table  # status only: not imported by deploy/rollback
+
     con.print(f"env [bold]{st['env']}[/] on {st['cloud']}: floating IP "
               f"{st['floating_ip'] or '-'} → [bold green]{st['live_text']}[/] "
               f"({st['live_colour'] or '-'}), previous {st['previous'] or '-'}")

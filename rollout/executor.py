@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 
 from rollout import analysis, cancel, diff, health
 from rollout.clouds.base import (
@@ -36,6 +37,7 @@ from rollout.context import (  # noqa: F401 - re-exported
     Context,
     default_holder,
     new_deploy_id,
+    parse_utc,
     pause_hook,
     utcnow,
 )
@@ -114,13 +116,28 @@ class Executor:
         if self.lock is not None:
             renew(self.ctx)
 
+    # steps that change nothing in the cloud (gates, verify) or whose own compare-and-swap
+    # checks that the lock is still ours (switch: DeployLocked, else Conflict)
+    _SELF_CHECKED = frozenset({"health_gate", "switch", "verify"})
+
+    def _renew_before(self, kind: str) -> None:
+        """Renew the lease before a step; before a self-checked step only once less than half
+        of the lease is left (a rollback's three steps then cost no lease write)."""
+        held = self.ctx.held
+        if self.lock is not None and held is not None and kind in self._SELF_CHECKED:
+            end = parse_utc(held.expires)
+            left = (end - datetime.now(timezone.utc)).total_seconds() if end else 0.0
+            if left > self.ctx.lease_s / 2:
+                return
+        self._renew()
+
     # each handler takes its step
     def apply(self) -> dict:
         """Run every step; undo on failure; return the JSON-ready result."""
         try:
             for step in self.plan.steps:
                 pause_hook(step.kind, keepalive=self._renew)
-                self._renew()  # the lease outlives the step; DeployLocked if taken over
+                self._renew_before(step.kind)  # the lease outlives the step; DeployLocked
                 if self.ctx.before_step:
                     self.ctx.before_step(step)
                 t0 = time.monotonic()
@@ -530,7 +547,8 @@ class Executor:
         probe = None
         if ctx.probe and fip.target:
             probe = health.Probe(fip.address, port=ctx.port).start()
-            ctx.sleep(0.15)  # let the probe see the old release first
+            # let the probe see the old release first (at most 0.15 s)
+            probe.wait_seen(lambda _r: True, sleep=ctx.sleep)
         state = FipState(live=step.release, previous=step.previous or "",
                          lock=fip.state.lock if self.lock else None,
                          preview=None if self.plan.action == "promote" else fip.state.preview)
@@ -543,8 +561,8 @@ class Executor:
                                          if_revision=fip.revision)
             self._verify(step.release, fip.address, t0)
         finally:
-            if probe is not None:
-                ctx.sleep(0.15)  # and the new one after
+            if probe is not None:  # and the new one after (at most 0.15 s)
+                probe.wait_seen(lambda r: r == step.release, sleep=ctx.sleep)
                 self.probe_result = probe.stop()
                 res = self.probe_result
                 line = (f"probe: {res.failed} failed of {res.total} requests during the "
@@ -780,13 +798,30 @@ def abort(ctx: Context, req: AbortRequest) -> dict:
 
 def rollback(ctx: Context, req: RollbackRequest) -> dict:
     """Plan without the lock, lock, observe, re-plan, apply (no instance is created)."""
-    plan_rollback(observe(ctx), req)
+    first = observe(ctx)
+    plan_rollback(first, req)
     with env_lock(ctx, create=False) as lock:
-        observed = observe(ctx)
+        observed = _observe_again(ctx, first)
         plan = plan_rollback(observed, req)
         ex = Executor(ctx, observed, lock, plan)
         with _notified(ex):
             return ex.apply()
+
+
+def _observe_again(ctx: Context, first: Deployment) -> Deployment:
+    """The observation under the lock. Instances and images of an env change only under its
+    lock, and every lock taken or released is a CAS that bumps the floating IP's revision: if
+    the floating IP read now is the first one plus our own lock (revision + 1, no lock taken
+    over), the first observation's instances and images still hold and only the floating IP
+    is read again (one call instead of three); otherwise everything is observed again."""
+    fip = ctx.cloud.find_floating_ip(ctx.env)
+    try:
+        only_ours = (ctx.took_over is None and first.fip is not None and fip is not None
+                     and fip.id == first.fip.id
+                     and int(fip.revision) == int(first.fip.revision) + 1)
+    except (TypeError, ValueError):
+        only_ours = False
+    return replace(first, fip=fip) if only_ours else observe(ctx)
 
 
 def cleanup(ctx: Context, *, keep: int, images: bool, break_lock: bool) -> dict:

@@ -268,6 +268,19 @@ class Probe:
             self._workers.append(t)
         return self
 
+    def wait_seen(self, which, count: int = 2, *, sleep=time.sleep, at_most: float = 0.15,
+                  step: float = 0.01) -> bool:
+        """Wait until /version answered ``count`` times from releases ``which(name)`` accepts
+        (e.g. the old release before a switch, the new one after it: each client then has
+        seen it, a prediction in between), at most ``at_most`` seconds, in ``sleep`` steps of
+        ``step``. True if seen (else the bound was reached)."""
+        for _ in range(max(1, round(at_most / step))):
+            with self._lock:
+                if sum(n for r, n in self.result.by_release.items() if which(r)) >= count:
+                    return True
+            sleep(step)
+        return False
+
     def snapshot(self) -> ProbeResult:
         """A copy of the counts so far (the probe keeps running)."""
         with self._lock:

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-import yaml
-
 from app.release_id import RULE as RELEASE_RULE
 from app.release_id import is_release_id
 from rollout import redact
@@ -105,23 +103,29 @@ def render_instance_env(params: SeedParams) -> str:
     return tmpl.substitute(params.values())
 
 
-class _BlockDumper(yaml.SafeDumper):
-    """Multi-line strings as ``|`` blocks, so a seed reads like the file it writes."""
+def _block_dumper():
+    """A yaml SafeDumper writing multi-line strings as ``|`` blocks, so a seed reads like the
+    file it writes (yaml is imported here: rollback and status never render a seed)."""
+    import yaml
 
+    class _BlockDumper(yaml.SafeDumper):
+        pass
 
-_BlockDumper.add_representer(
-    str,
-    lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
-)
+    _BlockDumper.add_representer(
+        str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s,
+                                             style="|" if "\n" in s else None))
+    return _BlockDumper
 
 
 def render_user_data(params: SeedParams) -> str:
     """The #cloud-config user-data that writes instance.env (mode 0600)."""
+    import yaml
+
     doc = yaml.safe_load((NOCLOUD_DIR / "user-data.yaml").read_text())
     for entry in doc["write_files"]:
         if entry["path"] == INSTANCE_ENV_PATH:
             entry["content"] = render_instance_env(params)
-    body = yaml.dump(doc, Dumper=_BlockDumper, sort_keys=False, width=1000)
+    body = yaml.dump(doc, Dumper=_block_dumper(), sort_keys=False, width=1000)
     return "#cloud-config\n" + body
 
 
@@ -136,6 +140,8 @@ def render_meta_data(instance_id: str, hostname: str) -> str:
 
 def parse_user_data(user_data: str) -> dict[str, str]:
     """Decode a rendered seed back to its instance.env keys (tests, the OpenStack tier)."""
+    import yaml
+
     doc = yaml.safe_load(user_data)
     for entry in doc.get("write_files", []):
         if entry.get("path") == INSTANCE_ENV_PATH:

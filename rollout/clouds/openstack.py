@@ -34,6 +34,7 @@ import openstack
 from keystoneauth1 import exceptions as ks_exc
 from openstack import exceptions as os_exc
 
+from rollout.clouds import token_cache
 from rollout.clouds.base import (
     BUILDING,
     ERROR,
@@ -104,6 +105,8 @@ class OpenStackCloud(CloudBase):
             self.conn = conn or openstack.connect(
                 cloud=cloud or env("OS_CLOUD"),
                 api_timeout=float(env("MODELSERVE_OS_API_TIMEOUT", "30")))
+            if conn is None:  # our own connection: reuse the user's cached token (opt-out)
+                token_cache.attach(self.conn)
 
     # -- error translation ---------------------------------------------------------------
     @contextmanager
