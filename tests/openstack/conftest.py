@@ -10,18 +10,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from localcloud.openstack import config, seed
 from localcloud.openstack.harness import Harness, HarnessError
-from rollout.clouds.openstack import OpenStackCloud, env_tag
+from rollout.clouds.openstack import OpenStackCloud
+from tests.openstack.osenv import ROOT, purge_env
 
-ROOT = Path(__file__).resolve().parents[2]
-PY = sys.executable
 pytestmark = pytest.mark.openstack
 
 
@@ -40,12 +37,17 @@ def harness():
 
 
 @pytest.fixture(scope="session")
-def os_env(harness):
-    """Environment for `python -m rollout` and the SDK: clouds.yaml of the harness."""
+def os_env(harness, tmp_path_factory):
+    """Environment for `python -m rollout` and the SDK: clouds.yaml of the harness, and a
+    private XDG cache (the CLI's token cache never lands in the user's ~/.cache)."""
     env = dict(os.environ)
     env.update({"OS_CLIENT_CONFIG_FILE": str(harness.layout.clouds_yaml),
-                "OS_CLOUD": config.CLOUD, "PYTHONPATH": str(ROOT)})
-    env.setdefault("MODELSERVE_ANALYSIS_WINDOW", "2")  # not the 30 s default in every deploy
+                "OS_CLOUD": config.CLOUD, "PYTHONPATH": str(ROOT),
+                "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("xdg-cache"))})
+    # no post-switch analysis unless a test asks for it (test_progressive.py): the 30 s
+    # default in every deploy would cost minutes, and a short window on a loaded machine
+    # judges latency from a handful of probes
+    env.setdefault("MODELSERVE_ANALYSIS_WINDOW", "0")
     for key in ("MODELSERVE_OS_FLAVOR", "MODELSERVE_OS_NETWORK"):
         env.pop(key, None)
     return env
@@ -78,51 +80,44 @@ def releases(conn, bundle_meta):
     made = []
     for n, letter in enumerate("abcde"):
         rel = f"t{tag}-{letter}"
-        img = seed.upload_image(conn, rel, f"stand-in disk of {rel}".encode(), {
-            "modelserve_model_sha256": bundle_meta["sha256"],
-            "modelserve_model_accuracy": str(bundle_meta["metrics"]["accuracy"]),
-            "modelserve_built_at": f"2026-01-0{n + 1}T00:00:00Z",
-            "modelserve_git_sha": "0" * 12, "modelserve_app_version": "test",
-            "modelserve_provenance": "release",
-            "modelserve_accuracy_floor": str(bundle_meta["accuracy_floor"]),
-        })
+        img = _release_image(conn, bundle_meta, rel, f"2026-01-0{n + 1}T00:00:00Z")
         made.append((rel, img.id))
     yield [r for r, _ in made]
     for _, image_id in made:
         conn.image.delete_image(image_id, ignore_missing=True)
 
 
-def rollout(os_env, *args, env_name, extra_env=None, timeout=600):
-    """`python -m rollout <cmd> --cloud openstack --env NAME ...`; returns CompletedProcess."""
-    cmd, *rest = args
-    env = dict(os_env, **(extra_env or {}))
-    return subprocess.run([PY, "-m", "rollout", cmd, "--cloud", "openstack", "--env", env_name,
-                           *rest], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _release_image(conn, bundle_meta, rel, built_at, provenance="release", **extra):
+    """A stand-in disk with the real bundle's sha256 and accuracy as release properties."""
+    return seed.upload_image(conn, rel, f"stand-in disk of {rel}".encode(), {
+        "modelserve_model_sha256": bundle_meta["sha256"],
+        "modelserve_model_accuracy": str(bundle_meta["metrics"]["accuracy"]),
+        "modelserve_built_at": built_at,
+        "modelserve_git_sha": "0" * 12, "modelserve_app_version": "test",
+        "modelserve_provenance": provenance,
+        "modelserve_accuracy_floor": str(bundle_meta["accuracy_floor"]),
+        **extra,
+    })
 
 
-def ok(proc):
-    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    return proc
+@pytest.fixture
+def standin_release(conn, bundle_meta):
+    """Make a stand-in release image with a behaviour (``fail N`` | ``slow N`` | ``flip``;
+    ``modelserve_standin_behaviour``, honoured by the harness's ProcessDriver through
+    localcloud/openstack/behave.py): ``standin_release("fail 8")`` -> its release name.
+    The images are deleted after the test."""
+    made = []
 
+    def make(behaviour):
+        rel = f"t{secrets.token_hex(3)}-{behaviour.split()[0]}"
+        img = _release_image(conn, bundle_meta, rel, "2026-02-01T00:00:00Z", "standin",
+                             modelserve_standin_behaviour=behaviour)
+        made.append(img.id)
+        return rel
 
-def servers_of(conn, env_name):
-    return list(conn.compute.servers(details=True, tags=env_tag(env_name)))
-
-
-def live_servers(conn, env_name):
-    """The env's servers that are not (yet) deleted: Nova lists DELETED ones for a while."""
-    return [s for s in servers_of(conn, env_name) if s.status != "DELETED"]
-
-
-def purge_env(conn, env_name):
-    """Delete every server and the floating IP of one env (a test's own teardown)."""
-    for server in servers_of(conn, env_name):
-        conn.compute.delete_server(server.id, ignore_missing=True)
-    for server in servers_of(conn, env_name):
-        conn.compute.wait_for_delete(server, wait=120)
-    for ip in conn.network.ips(tags=env_tag(env_name)):
-        conn.network.delete_ip(ip.id, ignore_missing=True)
+    yield make
+    for image_id in made:
+        conn.image.delete_image(image_id, ignore_missing=True)
 
 
 @pytest.fixture
@@ -136,37 +131,9 @@ def env_name(conn):
 @pytest.fixture
 def cloud(os_env, monkeypatch):
     """The provider, in-process, configured like the CLI would be."""
-    for key in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD"):
+    for key in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD", "XDG_CACHE_HOME"):
         monkeypatch.setenv(key, os_env[key])
     return OpenStackCloud()
-
-
-def fip_of(conn, env_name):
-    ips = list(conn.network.ips(tags=env_tag(env_name)))
-    assert len(ips) == 1, f"env {env_name} has {len(ips)} floating IPs"
-    return ips[0]
-
-
-def port_of(conn, server_id):
-    ports = list(conn.network.ports(device_id=server_id))
-    assert len(ports) == 1
-    return ports[0]
-
-
-def version_via(address, port=8080):
-    import requests
-
-    r = requests.get(f"http://{address}:{port}/version", timeout=5,
-                     headers={"Connection": "close"})
-    r.raise_for_status()
-    return r.json()
-
-
-def live_release(conn, env_name):
-    """The release the floating IP really serves, asked through the floating IP itself."""
-    fip = fip_of(conn, env_name)
-    return version_via(fip.floating_ip_address)["release"]
-
 
 
 def pytest_collection_modifyitems(items):

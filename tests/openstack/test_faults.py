@@ -14,7 +14,7 @@ from localcloud.openstack import seed
 from rollout.cli import run
 from rollout.clouds.base import FipState
 from rollout.clouds.openstack import OpenStackCloud
-from tests.openstack.conftest import (
+from tests.openstack.osenv import (
     fip_of,
     live_release,
     live_servers,

@@ -12,7 +12,7 @@ import base64
 import pytest
 
 from rollout.seed import parse_user_data
-from tests.openstack.conftest import live_servers, ok, rollout
+from tests.openstack.osenv import live_servers, ok, rollout
 
 pytestmark = pytest.mark.openstack
 

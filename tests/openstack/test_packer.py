@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from localcloud.openstack import config
-from tests.openstack.conftest import ROOT
+from tests.openstack.osenv import ROOT
 
 pytestmark = pytest.mark.openstack
 

@@ -17,7 +17,7 @@ import pytest
 from rollout.clouds.base import FipState, InstanceSpec
 from rollout.clouds.openstack import env_tag
 from rollout.seed import parse_user_data
-from tests.openstack.conftest import (
+from tests.openstack.osenv import (
     fip_of,
     live_release,
     live_servers,

@@ -18,7 +18,7 @@ import pytest
 
 from rollout.cli import ExitCode
 from rollout.clouds.base import FipState
-from tests.openstack.conftest import (
+from tests.openstack.osenv import (
     PY,
     ROOT,
     fip_of,

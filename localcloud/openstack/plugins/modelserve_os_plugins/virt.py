@@ -11,6 +11,11 @@ Configured by environment variables set by the harness on nova-compute:
 MODELSERVE_OS_STATE (instances/<uuid>/ live there), MODELSERVE_OS_APP_ROOT and
 MODELSERVE_OS_APP_PYTHON (where `python -m app.serve` runs), MODELSERVE_OS_RABBIT_NODE,
 MODELSERVE_OS_RABBIT_PORT.
+
+A stand-in image may carry ``modelserve_standin_behaviour`` (``fail N`` | ``slow N`` |
+``flip``): its front's web process is then ``python -m localcloud.openstack.behave`` (the
+real ``app.serve`` with that behaviour hooked in, see behave.py) -- the tier's counterpart of
+the LXD stand-in image's /opt/standin files.
 """
 
 import base64
@@ -30,6 +35,7 @@ from oslo_log import log as logging
 
 LOG = logging.getLogger(__name__)
 INSTANCE_ENV = "/etc/modelserve/instance.env"
+BEHAVIOUR_PROPERTY = "modelserve_standin_behaviour"
 
 
 def _decode_user_data(user_data):
@@ -104,7 +110,7 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
                                                      uuid)
             if info.get("env") and not self._running(uuid):
                 try:
-                    self._start_app(uuid, info["env"], info["ip"])
+                    self._start_app(uuid, info["env"], info["ip"], info.get("behaviour", ""))
                 except Exception:  # noqa: BLE001 - the health gate will say why
                     LOG.exception("could not restart the app of server %s", uuid)
 
@@ -119,16 +125,18 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
             env.setdefault("MODELSERVE_INSTANCE_NAME", instance.display_name or instance.uuid)
         ips = [ip["address"] for vif in (network_info or []) for ip in vif.fixed_ips()
                if ip["version"] == 4]
+        behaviour = dict(instance.system_metadata or {}).get(f"image_{BEHAVIOUR_PROPERTY}", "")
         os.makedirs(self._dir(instance.uuid), exist_ok=True)
         record = os.path.join(self._dir(instance.uuid), "server.json")
         with open(os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            json.dump({"name": instance.name, "env": env, "ip": ips[0] if ips else None}, fh)
+            json.dump({"name": instance.name, "env": env, "ip": ips[0] if ips else None,
+                       "behaviour": behaviour}, fh)
         if env is None or not ips:
             LOG.info("server %s has no modelserve seed or no IPv4: plain fake", instance.uuid)
             return
         try:
             self._write_release_file(instance)
-            self._start_app(instance.uuid, env, ips[0])
+            self._start_app(instance.uuid, env, ips[0], behaviour)
         except Exception:  # the server still exists; its health gate will say why
             LOG.exception("could not start the app for server %s", instance.uuid)
 
@@ -170,7 +178,7 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
         with open(path, "w") as fh:
             json.dump(doc, fh, indent=1, sort_keys=True)
 
-    def _start_app(self, uuid, seed_env, fixed_ip):
+    def _start_app(self, uuid, seed_env, fixed_ip, behaviour=""):
         if not (self.app_root and self.app_python and os.path.isdir(
                 os.path.join(self.app_root, "app"))):
             LOG.warning("MODELSERVE_OS_APP_ROOT/APP_PYTHON not usable: %s runs no app", uuid)
@@ -206,11 +214,16 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
                     if not k.startswith(("OS_", "PYTHONPATH", "VIRTUAL_ENV"))}
         proc_env.update({"MODELSERVE_INSTANCE_ENV": env_path, "PYTHONUNBUFFERED": "1",
                          "MODELSERVE_RELEASE_FILE": os.path.join(idir, "RELEASE.json")})
-        mods = ["app.worker"] + (["app.serve"] if role == "front" else [])
+        web, web_env = "app.serve", proc_env
+        if behaviour:  # a stand-in image's behaviour: the same app.serve, hooked (behave.py)
+            web = "localcloud.openstack.behave"
+            web_env = dict(proc_env, MODELSERVE_STANDIN_BEHAVIOUR=behaviour)
+        mods = ["app.worker"] + ([web] if role == "front" else [])
         for mod in mods:
-            self._launch(idir, mod.split(".")[1], [self.app_python, "-m", mod],
-                         cwd=self.app_root, env=proc_env)
-        LOG.info("server %s: %s running %s on %s", uuid, role, mods, fixed_ip)
+            name, env_of = ("serve", web_env) if mod == web else (mod.split(".")[1], proc_env)
+            self._launch(idir, name, [self.app_python, "-m", mod], cwd=self.app_root, env=env_of)
+        LOG.info("server %s: %s running %s on %s%s", uuid, role, mods, fixed_ip,
+                 f" (stand-in behaviour {behaviour!r})" if behaviour else "")
 
     def _launch(self, idir, name, argv, cwd=None, env=None):
         log = open(os.path.join(idir, f"{name}.log"), "ab")
