@@ -770,27 +770,27 @@ def _notified(ex: Executor):
 
 def promote(ctx: Context, req: PromoteRequest) -> dict:
     """Switch to the pending preview's set (gate, switch with the probe, analysis), end the
-    preview, retire beyond ``keep``: plan without the lock, lock, observe, re-plan, apply."""
-    plan_promote(observe(ctx), req)
-    with env_lock(ctx, create=False) as lock:
-        observed = observe(ctx)
-        plan = plan_promote(observed, req)
-        check_spared(observed, plan)
-        _notes(ctx, plan)
-        ex = Executor(ctx, observed, lock, plan)
-        with _notified(ex):
-            return ex.apply()
+    preview, retire beyond ``keep``."""
+    return _apply_locked(ctx, plan_promote, req)
 
 
 def abort(ctx: Context, req: AbortRequest) -> dict:
     """End the pending preview and delete its set (never live or previous instances)."""
-    plan_abort(observe(ctx), req)
+    return _apply_locked(ctx, plan_abort, req, announce=True)
+
+
+def _apply_locked(ctx: Context, plan_fn, req, *, announce: bool = False) -> dict:
+    """Plan without the lock (a refusal changes nothing), lock, observe, re-plan, guard (I1),
+    print the notes (``announce``: every step, before any is taken), apply."""
+    plan_fn(observe(ctx), req)
     with env_lock(ctx, create=False) as lock:
         observed = observe(ctx)
-        plan = plan_abort(observed, req)
+        plan = plan_fn(observed, req)
         check_spared(observed, plan)
-        for step in plan.steps:
-            ctx.reporter.info(f"will {step.describe()}")
+        _notes(ctx, plan)
+        if announce:
+            for step in plan.steps:
+                ctx.reporter.info(f"will {step.describe()}")
         ex = Executor(ctx, observed, lock, plan)
         with _notified(ex):
             return ex.apply()

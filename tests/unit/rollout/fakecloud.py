@@ -328,3 +328,17 @@ class FakeCloud(CloudBase):
         if srv:
             srv.shutdown()
             srv.server_close()
+
+
+def fake_releases(names: str = "ab") -> list[Release]:
+    """One release image per letter (release ``a`` is ``modelserve-a``, oldest first), all at
+    accuracy 0.78 with sha256 ``sha-<letter>``."""
+    return [Release(f"img-{r}", f"modelserve-{r}", r, f"sha-{r}", 0.78,
+                    built_at=f"2026-01-{n:02d}") for n, r in enumerate(names, 1)]
+
+
+def ctx_for(cloud: FakeCloud, env: str = "dev", **kw):
+    """An executor context on the in-memory cloud: no sleeping, its fronts' port."""
+    from rollout import executor
+
+    return executor.Context(cloud=cloud, env=env, sleep=lambda s: None, port=cloud.port, **kw)

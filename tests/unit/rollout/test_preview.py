@@ -11,26 +11,18 @@ import json
 import pytest
 
 from rollout import cli, executor
-from rollout.clouds.base import FipState, Lock, Preview, Release, preview_env
+from rollout.clouds.base import FipState, Lock, Preview, preview_env
 from rollout.errors import AnalysisFailed, CloudError, PlanError
 from rollout.health import fetch_version
 from rollout.planner import AbortRequest, DeployRequest, PromoteRequest, RollbackRequest
-from tests.unit.rollout.fakecloud import FakeCloud, free_port
+from tests.unit.rollout.fakecloud import ctx_for
 
 ENV = "dev"
 
 
 @pytest.fixture
-def cloud():
-    c = FakeCloud([
-        Release(f"img-{r}", f"modelserve-{r}", r, f"sha-{r}", 0.78, built_at=f"2026-01-0{n}")
-        for n, r in enumerate("abc", 1)], port=free_port())
-    yield c
-    c.close()
-
-
-def ctx_for(cloud, **kw) -> executor.Context:
-    return executor.Context(cloud=cloud, env=ENV, sleep=lambda s: None, port=cloud.port, **kw)
+def cloud(fake_cloud):
+    return fake_cloud("abc")
 
 
 def deploy(cloud, release, *, preview=False, **kw):

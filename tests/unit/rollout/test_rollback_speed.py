@@ -15,26 +15,17 @@ from dataclasses import replace
 import pytest
 
 from rollout import executor, health
-from rollout.clouds.base import Lock, Release
+from rollout.clouds.base import Lock
 from rollout.errors import DeployLocked, PlanError
 from rollout.planner import DeployRequest, RollbackRequest
-from tests.unit.rollout.fakecloud import FakeCloud, free_port
+from tests.unit.rollout.fakecloud import FakeCloud, ctx_for
 
 ENV = "dev"
 
 
 @pytest.fixture
-def cloud():
-    c = FakeCloud([
-        Release("img-a", "modelserve-a", "a", "sha-a", 0.78, built_at="2026-01-01"),
-        Release("img-b", "modelserve-b", "b", "sha-b", 0.78, built_at="2026-01-02"),
-    ], port=free_port())
-    yield c
-    c.close()
-
-
-def ctx_for(cloud: FakeCloud, **kw) -> executor.Context:
-    return executor.Context(cloud=cloud, env=ENV, sleep=lambda s: None, port=cloud.port, **kw)
+def cloud(fake_cloud):
+    return fake_cloud("ab")
 
 
 def deployed(cloud) -> FakeCloud:
