@@ -809,8 +809,9 @@ def rollback(ctx: Context, req: RollbackRequest) -> dict:
 
 
 def _observe_again(ctx: Context, first: Deployment) -> Deployment:
-    """The observation under the lock. Instances and images of an env change only under its
-    lock, and every lock taken or released is a CAS that bumps the floating IP's revision: if
+    """The observation under the lock. Rollout changes an env's instances only under its
+    lock (a target removed behind its back fails the quick gate that follows), and every lock
+    taken or released is a CAS that bumps the floating IP's revision: if
     the floating IP read now is the first one plus our own lock (revision + 1, no lock taken
     over), the first observation's instances and images still hold and only the floating IP
     is read again (one call instead of three); otherwise everything is observed again."""
