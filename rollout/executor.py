@@ -97,7 +97,7 @@ class Executor:
         self.created: list[str] = []
         self.switched_from: FloatingIP | None = None  # FIP as it was before our switch
         self.switched_to: str | None = None  # the port our switch pointed it at
-        self.preview_pointed: FloatingIP | None = None  # the preview address we aimed (undo)
+        self.preview_aimed = False  # this run aimed the preview address (undo clears it)
         self.preview_lent: str | None = None  # promote: the port the preview address let go
         self.verified = False
         # committed: the new release is the truth (verified, and its analysis passed or
@@ -365,7 +365,7 @@ class Executor:
             return
         problems: list[str] = []
         with cancel.deferred(raise_pending=False):
-            if self.preview_pointed is not None:
+            if self.preview_aimed:
                 self._unpoint_preview(problems)
             if self.switched_from is not None and not self._switch_back(problems):
                 # the floating IP may still point at our set: deleting it would leave the
@@ -624,13 +624,28 @@ class Executor:
         return fip
 
     def _main_state(self, **changes) -> None:
-        """One CAS update of the env's floating IP state (target unchanged; under our lock)."""
+        """One CAS update of the env's floating IP state (target unchanged; under our lock);
+        none when the state already says so."""
         cur = self.ctx.cloud.find_floating_ip(self.ctx.env)
         if cur is None:
             raise CloudError(f"the floating IP of env {self.ctx.env} vanished")
-        self.ctx.cloud.update_floating_ip(cur, target=cur.target,
-                                          state=replace(cur.state, **changes),
-                                          if_revision=cur.revision)
+        state = replace(cur.state, **changes)
+        if state != cur.state:
+            self.ctx.cloud.update_floating_ip(cur, target=cur.target, state=state,
+                                              if_revision=cur.revision)
+
+    def _aim_preview(self, target: str | None, *, create: bool = False,
+                     only_if_idle: bool = False) -> FloatingIP | None:
+        """Point the env's preview address at ``target`` (an instance's port; None: at
+        nothing), its state naming the release it then serves; no call when it already does
+        (``only_if_idle``: nor when it points elsewhere). None when there is no preview
+        address."""
+        pfip = self._preview_fip(create=create)
+        if pfip is None or pfip.target == target or (only_if_idle and pfip.target):
+            return pfip
+        state = FipState(live=self.plan.release or "") if target else FipState()
+        return self.ctx.cloud.update_floating_ip(pfip, target=target, state=state,
+                                                 if_revision=pfip.revision)
 
     def do_preview(self, step: StartPreview) -> None:
         """Aim the preview address at the gated front and check it serves the release, then
@@ -638,15 +653,12 @@ class Executor:
         the set stays for promote or abort)."""
         ctx = self.ctx
         front = self.by_name[step.front]
-        pfip = self._preview_fip(create=True)
+        self.preview_aimed = True  # before the call: undo clears it even if the answer is lost
+        pfip = self._aim_preview(front.port, create=True)
         assert pfip is not None
-        self.preview_pointed = pfip
-        pfip = ctx.cloud.update_floating_ip(pfip, target=front.port,
-                                            state=FipState(live=step.release),
-                                            if_revision=pfip.revision)
         self._seen(step.release, pfip.address, "the preview address")
         self._main_state(preview=Preview(step.release, step.deploy_id))
-        self.committed, self.preview_pointed = True, None
+        self.committed, self.preview_aimed = True, False
         url = health.base_url(pfip.address, ctx.port) + "/"
         self.result["preview"] = {"release": step.release, "deploy_id": step.deploy_id,
                                   "address": pfip.address, "url": url}
@@ -660,18 +672,13 @@ class Executor:
         pfip = self._preview_fip(create=False)
         if pfip is not None and pfip.target:
             self.preview_lent = pfip.target
-            self.ctx.cloud.update_floating_ip(pfip, target=None, state=FipState(),
-                                              if_revision=pfip.revision)
+            self._aim_preview(None)
 
     def _give_back_preview(self, problems: list[str]) -> None:
         """Undo of a promote: the preview address serves green again (after the floating IP
         went back to blue), so the preview stays pending as it was."""
         try:
-            pfip = self._preview_fip(create=False)
-            if pfip is not None and not pfip.target:
-                self.ctx.cloud.update_floating_ip(pfip, target=self.preview_lent,
-                                                  state=FipState(live=self.plan.release or ""),
-                                                  if_revision=pfip.revision)
+            self._aim_preview(self.preview_lent, only_if_idle=True)
         except Exception as err:  # noqa: BLE001 - report, keep undoing
             problems.append(f"could not point the preview address back at "
                             f"{self.plan.release}: {err}")
@@ -680,24 +687,16 @@ class Executor:
     def _unpoint_preview(self, problems: list[str]) -> None:
         """Undo of a preview: the preview address serves nothing again."""
         try:
-            cur = self._preview_fip(create=False)
-            if cur is not None and cur.target:
-                self.ctx.cloud.update_floating_ip(cur, target=None, state=FipState(),
-                                                  if_revision=cur.revision)
+            self._aim_preview(None)
         except Exception as err:  # noqa: BLE001 - report, keep undoing
             problems.append(f"could not clear the preview address: {err}")
-        self.preview_pointed = None
+        self.preview_aimed = False
 
     def do_end_preview(self, step: EndPreview) -> None:
         """The preview address serves nothing, the pending preview is cleared (a promote's
         switch cleared it already); an abort is recorded in history."""
-        problems: list[str] = []
-        self._unpoint_preview(problems)
-        if problems:
-            raise CloudError(problems[0])
-        cur = self.ctx.cloud.find_floating_ip(self.ctx.env)
-        if cur is not None and cur.state.preview:
-            self._main_state(preview=None)
+        self._aim_preview(None)  # a failure here is the step's (its own error class)
+        self._main_state(preview=None)
         if step.outcome == "aborted":
             self._record("abort", step.release, self.observed.live or "")
 
