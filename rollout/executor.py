@@ -821,7 +821,7 @@ def _observe_again(ctx: Context, first: Deployment) -> Deployment:
                      and int(fip.revision) == int(first.fip.revision) + 1)
     except (TypeError, ValueError):
         only_ours = False
-    return replace(first, fip=fip) if only_ours else observe(ctx)
+    return first.with_fip(fip) if only_ours else observe(ctx)
 
 
 def cleanup(ctx: Context, *, keep: int, images: bool, break_lock: bool) -> dict:
