@@ -3,13 +3,16 @@
 Measures, in one run and on the same machine:
   * baseline: a bare ``lxc launch`` of the release image until its /readyz answers 200
     (what launching by hand costs, no gate, no switch), and a bare forward re-target;
-  * ``rollout deploy`` of a new release: start -> the floating IP serves it (goal <= 30 s);
+  * ``rollout deploy`` of a new release: start -> the floating IP serves it (goal <= 20 s),
+    with the median of each step (launch, boot wait, health gate, switch, ...);
   * ``rollout rollback`` and a forward deploy to the warm release (goal <= 2 s);
   * the built-in probe's failed requests during every switch (goal 0).
 Prints a table, writes bench/results/deploy_bench-<time>.json.
 
 Usage: python bench/deploy_bench.py [--a RELEASE] [--b RELEASE] [--rounds N]
-       (MODELSERVE_ROLLOUT_LXD_POOL=<btrfs pool> to launch on a cloning pool; see lxd.py)
+       Instances go on the local cloud's copy-on-write pool when up.sh made one (see
+       rollout/clouds/lxd.py ``pool``); the bare-launch baseline is measured on the dir pool
+       and, with the images warmed as `make image` leaves them, on the copy-on-write pool.
 Images must exist (``make image RELEASE=...``); the env it uses is destroyed at the end.
 """
 
@@ -39,6 +42,8 @@ from rollout.seed import Credentials, SeedParams, render_user_data  # noqa: E402
 
 
 def rollout(*args: str) -> dict:
+    if args[0] == "deploy":  # start -> serving; the post-switch analysis watches afterwards
+        args = (*args, "--analysis-window", "0")
     res = subprocess.run([sys.executable, "-m", "rollout", *args, "--json"], cwd=ROOT,
                          capture_output=True, text=True, check=False)
     if res.returncode:
@@ -47,15 +52,16 @@ def rollout(*args: str) -> dict:
     return json.loads(res.stdout)
 
 
-def baseline_launch(cloud: LXDCloud, release: str) -> float:
-    """Bare launch of the image with a seed until /readyz is 200 (no gate, no switch)."""
+def baseline_launch(cloud: LXDCloud, release: str, pool: str | None) -> float:
+    """Bare launch of the image with a seed until /readyz is 200 (no gate, no switch), on
+    ``pool`` (None: the profile's)."""
     name = f"bench-bare-{secrets.token_hex(3)}"
     rel = cloud.find_release(release)
     if rel is None:
         raise SystemExit(f"no image for {release}: make image RELEASE={release}")
     seed = render_user_data(SeedParams("front", "blue", release, "bench0", "bench",
                                        Credentials.generate()))
-    pool = ["-s", cloud.pool] if cloud.pool else []  # the same pool rollout launches on
+    pool = ["-s", pool] if pool else []
     t0 = time.monotonic()
     subprocess.run(["lxc", "launch", rel.name, name, *pool, "-c",
                     f"cloud-init.user-data={seed}"], check=True, capture_output=True)
@@ -76,6 +82,28 @@ def baseline_launch(cloud: LXDCloud, release: str) -> float:
         subprocess.run(["lxc", "delete", "-f", name], capture_output=True, check=False)
 
 
+def dir_pool() -> str:
+    """The default profile's pool (``default``, the dir pool up.sh creates)."""
+    out = subprocess.run(["lxc", "profile", "device", "get", "default", "root", "pool"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return out or "default"
+
+
+def warm(cloud: LXDCloud, release: str) -> float:
+    """Unpack ``release`` into its image volume on the copy-on-write pool, as the bake does."""
+    rel = cloud.find_release(release)
+    if rel is None:
+        raise SystemExit(f"no image for {release}: make image RELEASE={release}")
+    name = f"bench-warm-{secrets.token_hex(3)}"
+    t0 = time.monotonic()
+    try:
+        subprocess.run(["lxc", "init", rel.name, name, "-s", cloud.pool], check=True,
+                       capture_output=True)
+    finally:
+        subprocess.run(["lxc", "delete", "-f", name], capture_output=True, check=False)
+    return round(time.monotonic() - t0, 3)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--a", default="e2e-a")
@@ -91,14 +119,25 @@ def main() -> int:
                      "pool": cloud.pool or "(profile default)",
                      "loadavg_start": os.getloadavg()[0]}
     try:
-        results["baseline_bare_launch_to_healthz_s"] = round(baseline_launch(cloud, args.b), 3)
+        # before: the dir pool (the profile's), where every launch unpacks the image
+        results["baseline_bare_launch_dir_pool_s"] = round(
+            baseline_launch(cloud, args.b, dir_pool()), 3)
+        if cloud.pool:
+            # what `make image` does after publishing (packer/bake.py warm_on_cow_pool)
+            for release in (args.a, args.b):
+                results.setdefault("warm_s", {})[release] = warm(cloud, release)
+            results["baseline_bare_launch_cow_pool_s"] = round(
+                baseline_launch(cloud, args.b, cloud.pool), 3)
         first = rollout("deploy", "--env", env, "--release", args.a, "--no-probe")
         results["first_deploy_s"] = first["seconds"]
         deploys, rollbacks, forwards, switch, failed, total = [], [], [], [], 0, 0
+        steps: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             d = rollout("deploy", "--env", env, "--release", args.b)  # fresh instances of B
             deploys.append(d["seconds"])
             switch.append(d["switch_to_traffic_s"])
+            for kind, secs in (d.get("timings") or {}).items():
+                steps.setdefault(kind, []).append(secs)
             r = rollout("rollback", "--env", env)
             rollbacks.append(r["seconds"])
             f = rollout("deploy", "--env", env, "--release", args.b)  # B is warm now
@@ -114,7 +153,7 @@ def main() -> int:
         results.update({
             "deploy_new_instances_s": deploys, "rollback_s": rollbacks,
             "deploy_warm_s": forwards, "switch_to_traffic_s": switch,
-            "probe_failed": failed, "probe_total": total,
+            "probe_failed": failed, "probe_total": total, "deploy_steps_s": steps,
         })
     finally:
         for inst in cloud.list_instances(env):
@@ -127,10 +166,18 @@ def main() -> int:
         return round(statistics.median(results[key]), 3)
 
     t = Table("measure", "median s", "goal", "runs")
-    t.add_row("baseline: bare lxc launch + seed -> /readyz 200",
-              f"{results['baseline_bare_launch_to_healthz_s']:.3f}", "-", "1")
-    t.add_row("rollout deploy (new instances, gated, switched)", f"{med('deploy_new_instances_s')}",
-              "<= 30", str(len(results["deploy_new_instances_s"])))
+    t.add_row("baseline: bare lxc launch + seed -> /readyz 200, dir pool",
+              f"{results['baseline_bare_launch_dir_pool_s']:.3f}", "-", "1")
+    if "baseline_bare_launch_cow_pool_s" in results:
+        t.add_row(f"  the same on the copy-on-write pool {cloud.pool} (warmed image)",
+                  f"{results['baseline_bare_launch_cow_pool_s']:.3f}", "-", "1")
+        t.add_row("  warming an image on it (done by make image), per image",
+                  f"{statistics.median(results['warm_s'].values()):.3f}", "-",
+                  str(len(results["warm_s"])))
+    t.add_row(f"rollout deploy (new instances, gated, switched) on {results['pool']}",
+              f"{med('deploy_new_instances_s')}", "<= 20", str(len(results["deploy_new_instances_s"])))
+    for kind, secs in results["deploy_steps_s"].items():
+        t.add_row(f"  step {kind}", f"{statistics.median(secs):.3f}", "-", str(len(secs)))
     t.add_row("  of which switch -> traffic on new release", f"{med('switch_to_traffic_s')}", "-",
               str(len(results["switch_to_traffic_s"])))
     t.add_row("rollout rollback", f"{med('rollback_s')}", "<= 2", str(len(results["rollback_s"])))

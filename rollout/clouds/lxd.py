@@ -6,8 +6,9 @@ Mapping (see base.py for the protocol):
   by all projects, so a forward records its project (``user.modelserve.project``) and only
   this project's forwards are seen.
 * Release   = an LXD image with the property ``modelserve_release`` (alias ``modelserve-<r>``).
-* Instance  = a system container (root disk on MODELSERVE_ROLLOUT_LXD_POOL, default the
-  profile's pool); labels in config keys ``user.modelserve.<label>``; its
+* Instance  = a system container (root disk on MODELSERVE_ROLLOUT_LXD_POOL, else the
+  copy-on-write pool ``modelserve-cow`` when up.sh made one, else the profile's pool);
+  labels in config keys ``user.modelserve.<label>``; its
   NoCloud user-data in ``cloud-init.user-data`` (the base image's templates write it to
   /var/lib/cloud/seed/nocloud-net/ at create and start). Its eth0 has a pinned
   ``ipv4.address`` (a static DHCP lease; LXD refuses to start a second NIC with the same
@@ -74,6 +75,7 @@ CAS_STALE_S = 30.0
 #: (connect, read) seconds for every LXD request; operation waits have their own bound
 LXD_HTTP_TIMEOUT = (10.0, 120.0)
 LXD_OP_TIMEOUT = 600.0
+COW_POOL = "modelserve-cow"  # localcloud/lxd/up.sh creates it where btrfs and loop devices allow
 #: start failures that mean "that pinned address is taken": pick another one
 ADDRESS_TAKEN = ("already defined on another NIC", "already in use")
 
@@ -113,9 +115,10 @@ class LXDCloud(CloudBase):
         self.bridge = bridge or os.environ.get("MODELSERVE_LXD_BRIDGE", "msbr0")
         self.project = (project or os.environ.get("MODELSERVE_LXD_PROJECT", "").strip()
                         or "default")
-        # instances' root disk pool (default: the profile's). A btrfs/zfs pool clones the
-        # image in ~1 s; the dir driver unpacks it at every launch (~30 s for the real image)
-        self.pool = pool or os.environ.get("MODELSERVE_ROLLOUT_LXD_POOL") or None
+        # instances' root disk pool: explicit, else the local cloud's copy-on-write pool when
+        # it exists (resolved at the first launch, see ``pool``), else the profile's.
+        self._pool = pool or os.environ.get("MODELSERVE_ROLLOUT_LXD_POOL") or None
+        self._pool_resolved = self._pool is not None
         self._fip_prefix = fip_prefix or os.environ.get("MODELSERVE_LXD_FIP_PREFIX")
         self.profiles = list(profiles)
         self.sleep = sleep
@@ -318,6 +321,27 @@ class LXDCloud(CloudBase):
         if not free:
             raise CloudError(f"no free address left on {self.bridge} ({iface.network})")
         return secrets.choice(free)
+
+    @property
+    def pool(self) -> str | None:
+        """The pool instances' root disks go on (None: the profile's).
+
+        MODELSERVE_ROLLOUT_LXD_POOL when set; otherwise the copy-on-write pool that
+        localcloud/lxd/up.sh creates where the machine allows it (MODELSERVE_LXD_COW_POOL,
+        default ``modelserve-cow``): a btrfs pool clones the image's volume in about a second,
+        where the dir pool unpacks the whole rootfs at every launch (12-30 s for the real
+        image). Looked up once, at the first launch; an unreadable pool list means the
+        profile's pool, as before.
+        """
+        if not self._pool_resolved:
+            self._pool_resolved = True
+            name = os.environ.get("MODELSERVE_LXD_COW_POOL", "").strip() or COW_POOL
+            try:
+                self.client.api.storage_pools[name].get()
+                self._pool = name
+            except Exception:  # noqa: BLE001 - absent or unreadable: the profile's pool
+                self._pool = None
+        return self._pool
 
     def create_instance(self, spec: InstanceSpec) -> Instance:
         """Create the container from the release image with the seed and a pinned address

@@ -234,5 +234,42 @@ def test_the_same_pinned_address_is_never_running_twice(cloud, env, monkeypatch)
     assert len(set(pinned)) == 2, pinned
 
 
+def _base_release() -> Release:
+    base = json.loads(subprocess.run(["lxc", "image", "list", "modelserve-base-debian12",
+                                      "--format", "json"], capture_output=True, text=True,
+                                     check=True).stdout)[0]["fingerprint"]
+    return Release(id=base, name="modelserve-base-debian12", release="base", model_sha256="")
+
+
+def _root_pool(cloud: LXDCloud, name: str) -> str:
+    inst = cloud.client.api.instances[name].get().json()["metadata"]
+    return inst["expanded_devices"]["root"]["pool"]
+
+
+def test_instances_go_on_the_copy_on_write_pool_else_the_profiles(cloud, env, monkeypatch):
+    """up.sh makes a btrfs pool where the machine allows it (it does here: the suite's
+    set-up ran up.sh): launches clone there; a machine without it falls back to the profile's
+    pool (an absent pool name stands in for such a machine)."""
+    pools = [u.rsplit("/", 1)[-1] for u in
+             cloud.client.api.storage_pools.get().json()["metadata"]]
+    assert "modelserve-cow" in pools, f"up.sh made no copy-on-write pool here: {pools}"
+    labels = {"env": env, "release": "base", "colour": "blue", "role": "front",
+              "deploy_id": "d1", "created_at": "2026-01-01T00:00:00Z"}
+    cow = LXDCloud(project=project())
+    made = cow.create_instance(InstanceSpec(f"ms-{env}-cow", _base_release(), labels,
+                                            "#cloud-config\n{}\n"))
+    assert cow.pool == "modelserve-cow"
+    assert _root_pool(cow, made.name) == "modelserve-cow"
+
+    monkeypatch.setenv("MODELSERVE_LXD_COW_POOL", f"absent-{env}")
+    plain = LXDCloud(project=project())
+    made = plain.create_instance(InstanceSpec(f"ms-{env}-dir", _base_release(),
+                                              {**labels, "deploy_id": "d2"},
+                                              "#cloud-config\n{}\n"))
+    assert plain.pool is None
+    profile = cloud.client.api.profiles["default"].get().json()["metadata"]
+    assert _root_pool(plain, made.name) == profile["devices"]["root"]["pool"] != "modelserve-cow"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
