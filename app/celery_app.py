@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 
 from celery import Celery
@@ -97,4 +98,24 @@ def make_celery(config: Config, name: str = "modelserve", confirm_publish: bool 
                                                            "interval_step": 0.2,
                                                            "interval_max": 0.5}},
     )
+    celery.conf.update(tls_settings(config))
     return celery
+
+
+def tls_settings(config: Config) -> dict:
+    """amqps:// and rediss:// (worker instances reaching their front): the server must
+    present a certificate of the deploy's CA (MODELSERVE_TLS_CA, nothing else trusted) that
+    names the address connected to (unless MODELSERVE_TLS_CHECK_HOSTNAME=0)."""
+    out: dict = {}
+    if config.broker_url.startswith("amqps:"):
+        # server_hostname None: kombu fills in the URL's host, and py-amqp then checks it
+        opts = {"ca_certs": config.tls_ca, "cert_reqs": ssl.CERT_REQUIRED,
+                "tls_minimum_version": ssl.TLSVersion.TLSv1_2}
+        if config.tls_check_hostname:
+            opts["server_hostname"] = None
+        out["broker_use_ssl"] = opts
+    if config.result_url.startswith("rediss:"):
+        out["redis_backend_use_ssl"] = {"ssl_ca_certs": config.tls_ca,
+                                        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                        "ssl_check_hostname": config.tls_check_hostname}
+    return out

@@ -126,12 +126,32 @@ class Config:
     bundle_dir: str = ""
     release_file: str = DEFAULT_RELEASE_FILE  # the image's identity (app/identity.py)
     instance_name: str = ""  # this instance's name (default: the hostname); names the worker
+    #: the CA that amqps:// and rediss:// peers are verified against (the deploy's own CA,
+    #: delivered by the seed), and whether the server's certificate must name its address
+    tls_ca: str = ""
+    tls_check_hostname: bool = True
     source: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def public(self) -> dict[str, str]:
         """Instance identity for /version (no credentials)."""
         return {"release": self.release, "colour": self.colour, "role": self.role,
                 "deploy_id": self.deploy_id, "env": self.env}
+
+
+def _tls_ca(src: Mapping[str, str], urls: tuple[str, ...]) -> str:
+    """MODELSERVE_TLS_CA: required (a readable file) when a URL asks for TLS."""
+    path = src.get("MODELSERVE_TLS_CA", "")
+    tls = [u.split(":", 1)[0] for u in urls if u.startswith(("amqps:", "rediss:"))]
+    if not path:
+        if tls:
+            raise ConfigError(f"MODELSERVE_TLS_CA is required: {' and '.join(tls)} URLs are "
+                              "verified against the deploy's CA")
+        return ""
+    try:
+        Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"MODELSERVE_TLS_CA={path}: cannot read it ({exc.strerror})") from None
+    return path
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
@@ -143,9 +163,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     release = src.get("MODELSERVE_RELEASE") or "dev"
     if not is_release_id(release):
         raise ConfigError(f"MODELSERVE_RELEASE={release!r}: {RELEASE_RULE}")
+    broker_url = _url(src, "MODELSERVE_BROKER_URL", ("amqp", "pyamqp", "amqps"))
+    result_url = _url(src, "MODELSERVE_RESULT_URL", ("redis", "rediss"))
     return Config(
-        broker_url=_url(src, "MODELSERVE_BROKER_URL", ("amqp", "pyamqp")),
-        result_url=_url(src, "MODELSERVE_RESULT_URL", ("redis",)),
+        broker_url=broker_url,
+        result_url=result_url,
         role=_choice(src, "MODELSERVE_ROLE", "front", ROLES),
         colour=_choice(src, "MODELSERVE_COLOUR", "none", COLOURS),
         release=release,
@@ -169,5 +191,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         bundle_dir=src.get("MODELSERVE_BUNDLE_DIR", ""),
         release_file=src.get("MODELSERVE_RELEASE_FILE") or DEFAULT_RELEASE_FILE,
         instance_name=src.get("MODELSERVE_INSTANCE_NAME", ""),
+        tls_ca=_tls_ca(src, (broker_url, result_url)),
+        tls_check_hostname=_choice(src, "MODELSERVE_TLS_CHECK_HOSTNAME", "1", ("0", "1")) == "1",
         source=src,
     )

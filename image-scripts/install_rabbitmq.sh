@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# RabbitMQ (the Celery broker) and Redis (the result backend), enabled but unconfigured: no
+# RabbitMQ (the Celery broker), Redis (the result backend) and nftables (the broker firewall),
+# enabled but unconfigured: no
 # account is baked (guest never survives into the image); modelserve-firstboot writes the
 # instance's user, vhost, password and bind address from /etc/modelserve/instance.env.
 set -Eeuo pipefail
@@ -7,7 +8,8 @@ set -Eeuo pipefail
 source "${MODELSERVE_BUILD_DIR:-/tmp/modelserve-build}/scripts/lib.sh"
 
 layer::wants deps || { log::info "layer $MODELSERVE_LAYER: skipped"; exit 0; }
-pkgs=(rabbitmq-server redis-server)
+# nftables: modelserve-firstboot's broker firewall (only the release's workers reach 5671/6380)
+pkgs=(rabbitmq-server redis-server nftables)
 if pkg::installed "${pkgs[@]}"; then
   log::info "already installed: ${pkgs[*]}"
 else
@@ -39,4 +41,7 @@ if [[ ! -e /etc/redis/modelserve.conf ]]; then
 fi
 
 systemctl enable rabbitmq-server.service redis-server.service >/dev/null 2>&1
+# Debian's nftables.service would load /etc/nftables.conf ("flush ruleset"): firstboot owns
+# the ruleset
+systemctl disable nftables.service >/dev/null 2>&1 || true
 log::info "rabbitmq-server $(dpkg-query -W -f='${Version}' rabbitmq-server), redis-server $(dpkg-query -W -f='${Version}' redis-server)"

@@ -70,6 +70,12 @@ class BoundedCloud:
     def get_instance(self, instance_id: str) -> Instance:
         return self._call(f"reading {instance_id}", lambda: self.__cloud.get_instance(instance_id))
 
+    def pick_addresses(self, count: int) -> list[str] | None:
+        pick = getattr(self.__cloud, "pick_addresses", None)
+        if pick is None:  # a cloud without the method assigns addresses itself
+            return None
+        return self._call("picking fixed addresses", lambda: pick(count))
+
     def create_instance(self, spec: InstanceSpec) -> Instance:
         return self._call(f"creating {spec.name}", lambda: self.__cloud.create_instance(spec))
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from rollout import analysis, cancel, diff, health
+from rollout import analysis, cancel, diff, health, tls
 from rollout.clouds.base import (
     Deployment,
     FipState,
@@ -109,6 +109,8 @@ class Executor:
         self.timings: dict[str, float] = {}
         self.probe_result: health.ProbeResult | None = None
         self.credentials = Credentials.generate()
+        self.addresses: dict[str, str] = {}  # instance name -> fixed address picked for it
+        self.tls: tls.TLSMaterial | None = None  # the deploy's CA, when it has workers
         self.result: dict = {}
         self.started = time.monotonic()
 
@@ -466,7 +468,8 @@ class Executor:
         labels = {"env": ctx.env, "release": release, "colour": params.colour, "role": role,
                   "deploy_id": ctx.deploy_id, "created_at": utcnow(),
                   "model_sha256": rel.model_sha256}
-        spec = InstanceSpec(name, rel, labels, render_user_data(params), ctx.flavor)
+        spec = InstanceSpec(name, rel, labels, render_user_data(params), ctx.flavor,
+                            address=self.addresses.get(name))
         self.created.append(name)  # registered before the call: a signal mid-create cleans too
         inst = ctx.cloud.create_instance(spec)
         self.by_name[name] = inst
@@ -482,16 +485,27 @@ class Executor:
                           worker_concurrency=self.ctx.worker_concurrency, **kw)
 
     def do_launch_front(self, step: LaunchFront) -> None:
+        kw: dict = {"broker_bind": step.broker_bind}
+        workers = [n for s in self.plan.steps if isinstance(s, LaunchWorkers)
+                   and s.front == step.name for n in s.names]
+        if workers:
+            # the front's seed names its workers (its broker firewall) and its own address
+            # (its certificate): both fixed now, where the cloud allows (rollout/tls.py)
+            picked = self.ctx.cloud.pick_addresses(1 + len(workers))
+            if picked:
+                self.addresses.update(zip([step.name, *workers], picked, strict=True))
+            self.tls = tls.generate(self.addresses.get(step.name))
+            kw.update(tls=self.tls, broker_peers=tuple(
+                self.addresses[w] for w in workers if w in self.addresses))
         self._launch(step.name, step.release,
-                     self._seed("front", step.release, step.colour,
-                                broker_bind=step.broker_bind), "front")
+                     self._seed("front", step.release, step.colour, **kw), "front")
 
     def do_launch_workers(self, step: LaunchWorkers) -> None:
         front = self.by_name[step.front]
         for name in step.names:
             self._launch(name, step.release,
                          self._seed("worker", step.release, step.colour,
-                                    broker_host=front.address), "worker")
+                                    broker_host=front.address, tls=self.tls), "worker")
 
     def do_health_gate(self, step: HealthGate) -> None:
         ctx = self.ctx

@@ -294,6 +294,9 @@ class InstanceSpec:
     labels: Mapping[str, str]  # exactly INSTANCE_LABELS
     user_data: str  # the rendered #cloud-config (rollout/seed.py); plain text, not base64
     flavor: str = ""  # OpenStack flavor name; LXD: ignored (limits come from the profile)
+    #: the fixed address ``pick_addresses`` chose for it (its seed may name it: the front's
+    #: certificate, the front's broker peers); None: the cloud picks one
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -456,6 +459,11 @@ class Cloud(Protocol):
     def wait_for_instance(self, instance_id: str, *, timeout: float) -> Instance:
         """Poll until RUNNING with an address; ``CloudError`` on ERROR, ``WaitTimeout``."""
 
+    def pick_addresses(self, count: int) -> list[str] | None:
+        """``count`` distinct free fixed addresses for instances about to be created (their
+        ``InstanceSpec.address``), or None when this cloud assigns addresses itself at
+        creation (then seeds cannot name them beforehand)."""
+
     def delete_instance(self, instance_id: str, *, ignore_missing: bool = True) -> None:
         """Stop (forcefully) and delete an instance."""
 
@@ -498,6 +506,10 @@ class CloudBase:
     """
 
     sleep = staticmethod(time.sleep)
+
+    def pick_addresses(self, count: int) -> list[str] | None:
+        """Addresses are the cloud's choice at creation unless an implementation says."""
+        return None
 
     def find_instance(self, instance_id: str) -> Instance | None:
         """``get_instance``, or None where it raises NotFound."""

@@ -322,6 +322,15 @@ class LXDCloud(CloudBase):
             raise CloudError(f"no free address left on {self.bridge} ({iface.network})")
         return secrets.choice(free)
 
+    def pick_addresses(self, count: int) -> list[str]:
+        """``count`` distinct free addresses, for instances whose seeds must name them before
+        they exist (the front's certificate and broker peers): ``create_instance`` pins
+        ``spec.address`` as given (never another one)."""
+        picked: list[str] = []
+        for _ in range(count):
+            picked.append(self.pick_address(set(picked)))
+        return picked
+
     @property
     def pool(self) -> str | None:
         """The pool instances' root disks go on (None: the profile's).
@@ -351,7 +360,8 @@ class LXDCloud(CloudBase):
         config["cloud-init.user-data"] = spec.user_data
         tried: set[str] = set()
         for attempt in range(1, 6):
-            address = self.pick_address(tried)
+            # an address chosen beforehand is in the seed: that one, or fail
+            address = spec.address or self.pick_address(tried)
             tried.add(address)
             devices = {"eth0": {"type": "nic", "name": "eth0", "network": self.bridge,
                                 "ipv4.address": address}}
@@ -374,7 +384,7 @@ class LXDCloud(CloudBase):
                     self.delete_instance(spec.name)
                 except Exception:  # noqa: BLE001 - the original error matters more
                     pass
-                if (isinstance(exc, CloudError) and attempt < 5
+                if (isinstance(exc, CloudError) and attempt < 5 and not spec.address
                         and any(t in str(exc) for t in ADDRESS_TAKEN)):
                     continue  # a racing create pinned the same address
                 raise

@@ -15,8 +15,16 @@ Mapping (see base.py for the protocol):
 Configuration (environment, all optional): ``OS_CLOUD`` (clouds.yaml entry),
 ``MODELSERVE_OS_FLAVOR`` (default m1.small), ``MODELSERVE_OS_NETWORK`` (default: the only
 non-external network the project sees), ``MODELSERVE_OS_EXTERNAL_NETWORK`` (default: the only
-external network), ``MODELSERVE_OS_SECURITY_GROUP`` (default modelserve if it exists),
-``MODELSERVE_OS_KEYPAIR`` (default none), ``MODELSERVE_OS_API_TIMEOUT`` (seconds, 30).
+external network), ``MODELSERVE_OS_SECURITY_GROUP`` (one group for every role; default:
+the per-role groups below), ``MODELSERVE_OS_KEYPAIR`` (default none),
+``MODELSERVE_OS_API_TIMEOUT`` (seconds, 30).
+
+Security groups per role (created, and checked at every run, by ``_role_groups``): a front
+gets ``modelserve-web`` (tcp 8080 from anywhere) and ``modelserve-broker`` (tcp 5671 and 6380,
+its RabbitMQ and Redis over TLS, from the ``modelserve-worker`` group only); a worker gets
+``modelserve-worker`` (no ingress). A group with an ingress rule rollout did not make is
+refused (``CloudError``, naming the rule), missing rules are added; the oldest group of a name
+is the one used (two racing first runs may both create one).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from openstack import exceptions as os_exc
 
 from rollout.clouds import token_cache
 from rollout.clouds.base import (
+    APP_PORT,
     BUILDING,
     ERROR,
     HISTORY_KEEP,
@@ -84,6 +93,11 @@ def env_tag(env: str) -> str:
     return f"modelserve-env-{env}"
 
 
+WEB_GROUP, BROKER_GROUP, WORKER_GROUP = "modelserve-web", "modelserve-broker", "modelserve-worker"
+ROLE_GROUPS = {"front": (WEB_GROUP, BROKER_GROUP), "worker": (WORKER_GROUP,)}
+BROKER_TLS_PORTS = (5671, 6380)  # RabbitMQ and Redis over TLS (rollout/seed.py)
+
+
 class OpenStackCloud(CloudBase):
     """The ``Cloud`` protocol on Glance, Nova and Neutron."""
 
@@ -101,6 +115,7 @@ class OpenStackCloud(CloudBase):
         self._secgroup = security_group or env("MODELSERVE_OS_SECURITY_GROUP")
         self.keypair = keypair or env("MODELSERVE_OS_KEYPAIR") or None
         self._ids: dict[str, str] = {}
+        self._groups: dict[str, str] = {}  # per-role security groups, name -> id
         with self._errors("connecting to OpenStack"):
             self.conn = conn or openstack.connect(
                 cloud=cloud or env("OS_CLOUD"),
@@ -186,13 +201,66 @@ class OpenStackCloud(CloudBase):
             self._ids["ext"] = net.id
         return self._ids["ext"]
 
-    def _security_groups(self) -> list[dict]:
-        name = self._secgroup
-        if not name:
-            with self._errors("finding the security group"):
-                found = self.conn.network.find_security_group(TAG)
-            name = found.name if found else "default"
-        return [{"name": name}]
+    def _security_groups(self, role: str = "front") -> list[dict]:
+        """Nova's ``security_groups`` for a server of ``role``: the configured group, else
+        the role's groups (by id: names need not be unique in Neutron)."""
+        if self._secgroup:
+            return [{"name": self._secgroup}]
+        ids = self._role_groups()
+        return [{"name": ids[name]} for name in ROLE_GROUPS.get(role, ROLE_GROUPS["front"])]
+
+    def _role_groups(self) -> dict[str, str]:
+        """Group name -> id of the per-role groups, created or checked once per run."""
+        if not self._groups:
+            worker = self._ensure_group(WORKER_GROUP, set())
+            self._groups = {
+                WORKER_GROUP: worker,
+                WEB_GROUP: self._ensure_group(WEB_GROUP, {
+                    ("IPv4", "tcp", APP_PORT, APP_PORT, "0.0.0.0/0", None)}),
+                BROKER_GROUP: self._ensure_group(BROKER_GROUP, {
+                    ("IPv4", "tcp", port, port, None, worker) for port in BROKER_TLS_PORTS})}
+        return self._groups
+
+    def _oldest_group(self, name: str):
+        with self._errors(f"listing security groups {name}"):
+            groups = list(self.conn.network.security_groups(name=name))
+        groups = [g for g in groups if g.name == name]
+        return min(groups, key=lambda g: (g.created_at or "", g.id)) if groups else None
+
+    def _ensure_group(self, name: str, expected: set[tuple]) -> str:
+        """The id of security group ``name`` whose ingress rules are exactly ``expected``
+        (ethertype, protocol, port min, port max, remote prefix, remote group id): created
+        when missing, missing rules added, a foreign ingress rule refused."""
+        sg = self._oldest_group(name)
+        if sg is None:
+            with self._errors(f"creating security group {name}"):
+                mine = self.conn.network.create_security_group(
+                    name=name, description=f"modelserve {name} (made by rollout)")
+            sg = self._oldest_group(name) or mine
+            if sg.id != mine.id:  # a racing run made one first: use it, drop ours
+                with suppress(Exception):
+                    self.conn.network.delete_security_group(mine.id, ignore_missing=True)
+        with self._errors(f"reading the rules of security group {name}"):
+            rules = list(self.conn.network.security_group_rules(security_group_id=sg.id))
+        have = {(r.ether_type, r.protocol, r.port_range_min, r.port_range_max,
+                 r.remote_ip_prefix, r.remote_group_id) for r in rules
+                if r.direction == "ingress"}
+        extra = have - expected
+        if extra:
+            raise CloudError(
+                f"security group {name} ({sg.id}) has ingress rules rollout did not make: "
+                f"{sorted(extra, key=str)}; remove them, or set MODELSERVE_OS_SECURITY_GROUP")
+        for ether, proto, lo, hi, prefix, group in sorted(expected - have, key=str):
+            with self._errors(f"adding a rule to security group {name}"):
+                rule = dict(security_group_id=sg.id, direction="ingress", ethertype=ether,
+                            protocol=proto, port_range_min=lo, port_range_max=hi,
+                            remote_ip_prefix=prefix, remote_group_id=group)
+                try:
+                    self.conn.network.create_security_group_rule(
+                        **{k: v for k, v in rule.items() if v is not None})
+                except os_exc.ConflictException:
+                    pass  # the same rule, added by a racing run
+        return sg.id
 
     # -- releases ------------------------------------------------------------------------
     def _to_release(self, image) -> Release | None:
@@ -290,7 +358,8 @@ class OpenStackCloud(CloudBase):
             networks=[{"uuid": self._network_id()}],
             user_data=base64.b64encode(spec.user_data.encode()).decode(),
             metadata={META + k: str(spec.labels.get(k, "")) for k in INSTANCE_LABELS},
-            tags=[TAG, env_tag(env)], security_groups=self._security_groups(),
+            tags=[TAG, env_tag(env)],
+            security_groups=self._security_groups(str(spec.labels.get("role", "front"))),
         )
         if self.keypair:
             kwargs["key_name"] = self.keypair

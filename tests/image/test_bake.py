@@ -165,11 +165,19 @@ def test_front_boots_serving_the_bundle(baked, launch, tmp_path):
 
 
 def test_worker_role_serves_a_front(baked, launch):
-    front_data, creds = seed("front", baked["release"], bind="0.0.0.0")
-    front = boot(launch, baked["image"], front_data)
+    # the TLS broker path as rollout seeds it; the front's address is not known beforehand
+    # here, so any peer may reach its TLS ports and workers verify the CA chain alone
+    from rollout import tls
+    from rollout.seed import Credentials, SeedParams, render_user_data
+
+    common = dict(colour="blue", release=baked["release"], deploy_id="d-test", env="ci",
+                  credentials=Credentials.generate(), tls=tls.generate(None),
+                  worker_concurrency=1)
+    front = boot(launch, baked["image"], render_user_data(
+        SeedParams(role="front", broker_bind="0.0.0.0", **common)))
     front_ip = front.ipv4()
-    worker_data, _ = seed("worker", baked["release"], broker_host=front_ip, creds=creds)
-    worker = boot(launch, baked["image"], worker_data)
+    worker = boot(launch, baked["image"], render_user_data(
+        SeedParams(role="worker", broker_host=front_ip, **common)))
     for unit in ("rabbitmq-server", "redis-server", "modelserve-web"):
         state = worker.exec("systemctl", "is-active", unit, check=False).strip()
         assert state == "inactive", (unit, state)

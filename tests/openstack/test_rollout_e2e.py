@@ -154,7 +154,12 @@ def test_worker_tier_joins_the_front_broker(os_env, conn, admin, harness, releas
     seeds = {role: parse_user_data(base64.b64decode(
         admin.compute.get_server(s.id).user_data).decode()) for role, s in roles.items()}
     assert seeds["worker"]["MODELSERVE_ROLE"] == "worker"
-    assert f"@{front_ip}:5672/" in seeds["worker"]["MODELSERVE_BROKER_URL"]
+    # the seed's broker path is TLS (amqps/rediss, the deploy's CA); the process driver runs
+    # the servers against the harness's plain RabbitMQ and Redis
+    assert seeds["worker"]["MODELSERVE_BROKER_URL"].startswith("amqps://")
+    assert f"@{front_ip}:5671/" in seeds["worker"]["MODELSERVE_BROKER_URL"]
+    assert seeds["worker"]["MODELSERVE_RESULT_URL"].startswith("rediss://:")
+    assert seeds["front"]["MODELSERVE_BROKER_PEERS"] == "any"  # addresses unknown beforehand
     assert seeds["worker"]["MODELSERVE_BROKER_USER"] == seeds["front"]["MODELSERVE_BROKER_USER"]
     vhost = "ms-" + seeds["front"]["MODELSERVE_BROKER_USER"]
     deadline = time.monotonic() + 90  # the worker server's Celery may still be starting

@@ -61,3 +61,38 @@ def test_entry_points_exit_2_with_one_line(module):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "MODELSERVE_BROKER_URL is required" in lines[0]
+
+
+def test_tls_urls_need_a_readable_ca(tmp_path):
+    tls = {**BASE, "MODELSERVE_BROKER_URL": "amqps://u:p@10.0.0.5:5671/modelserve",
+           "MODELSERVE_RESULT_URL": "rediss://:pw@10.0.0.5:6380/0"}
+    with pytest.raises(ConfigError, match="MODELSERVE_TLS_CA is required"):
+        load_config(tls)
+    with pytest.raises(ConfigError, match="MODELSERVE_TLS_CA="):
+        load_config({**tls, "MODELSERVE_TLS_CA": str(tmp_path / "missing.pem")})
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = load_config({**tls, "MODELSERVE_TLS_CA": str(ca)})
+    assert (cfg.tls_ca, cfg.tls_check_hostname) == (str(ca), True)
+    assert not load_config({**tls, "MODELSERVE_TLS_CA": str(ca),
+                            "MODELSERVE_TLS_CHECK_HOSTNAME": "0"}).tls_check_hostname
+
+
+def test_celery_verifies_tls_peers_against_the_ca_only(tmp_path):
+    import ssl
+
+    from app.celery_app import make_celery, tls_settings
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    assert tls_settings(load_config(BASE)) == {}  # plain URLs: no TLS settings
+    cfg = load_config({**BASE, "MODELSERVE_BROKER_URL": "amqps://u:p@10.0.0.5:5671/modelserve",
+                       "MODELSERVE_RESULT_URL": "rediss://:pw@10.0.0.5:6380/0",
+                       "MODELSERVE_TLS_CA": str(ca)})
+    conf = make_celery(cfg).conf
+    assert conf.broker_use_ssl == {"ca_certs": str(ca), "cert_reqs": ssl.CERT_REQUIRED,
+                                   "tls_minimum_version": ssl.TLSVersion.TLSv1_2,
+                                   "server_hostname": None}  # None: kombu checks the URL's host
+    assert conf.redis_backend_use_ssl == {"ssl_ca_certs": str(ca),
+                                          "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                          "ssl_check_hostname": True}

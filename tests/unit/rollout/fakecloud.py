@@ -210,7 +210,7 @@ class FakeCloud(CloudBase):
         self._maybe_fail("create_instance")
         if spec.name in self.instances:
             raise Conflict(f"{spec.name} exists")
-        address = _next_address()
+        address = spec.address or _next_address()  # pinned when picked beforehand
         inst = Instance(id=f"id-{spec.name}", name=spec.name, env=spec.labels["env"],
                         release=spec.labels["release"], colour=spec.labels["colour"],
                         role=spec.labels["role"], deploy_id=spec.labels["deploy_id"],

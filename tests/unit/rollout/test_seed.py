@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import yaml
 
+from rollout import tls
 from rollout.seed import (
     Credentials,
     SeedParams,
@@ -23,11 +24,19 @@ CONTRACT_KEYS = {
     "MODELSERVE_RESULT_URL", "MODELSERVE_BROKER_BIND", "MODELSERVE_PORT",
     "MODELSERVE_WORKER_CONCURRENCY",
 }
+TLS = tls.generate("10.77.0.12")
 VARIANTS = [
     dict(role="front", colour="blue", broker_host="127.0.0.1", broker_bind="127.0.0.1"),
-    dict(role="front", colour="green", broker_host="127.0.0.1", broker_bind="0.0.0.0"),
+    dict(role="front", colour="green", broker_host="127.0.0.1", broker_bind="0.0.0.0",
+         broker_peers=("10.77.0.13", "10.77.0.14"), tls=TLS),
+    dict(role="worker", colour="green", broker_host="10.77.0.12", broker_bind="127.0.0.1",
+         tls=TLS),
     dict(role="worker", colour="green", broker_host="10.77.0.12", broker_bind="127.0.0.1"),
 ]
+
+
+def _id(v: dict) -> str:
+    return f"{v['role']}-{v['colour']}" + ("-tls" if v.get("tls") else "")
 
 
 def params(**kw) -> SeedParams:
@@ -46,7 +55,7 @@ def cloud_init() -> str:
     return path
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['role']}-{v['colour']}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 def test_rendered_seed_validates_with_cloud_init_schema(variant, tmp_path, cloud_init):
     path = tmp_path / "user-data"
     path.write_text(render_user_data(params(**variant)))
@@ -65,24 +74,69 @@ def test_schema_check_can_fail(tmp_path, cloud_init):
     assert res.returncode != 0
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['role']}-{v['colour']}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
 def test_seed_writes_the_contract_keys_0600(variant):
     p = params(**variant)
     text = render_user_data(p)
     assert text.startswith("#cloud-config\n")
     doc = yaml.safe_load(text)
-    (entry,) = doc["write_files"]
+    entry = doc["write_files"][-1]  # instance.env last: first boot starts when it exists
     assert entry["path"] == "/etc/modelserve/instance.env"
-    assert entry["permissions"] == "0600"
+    for e in doc["write_files"]:
+        assert (e["owner"], e["permissions"]) == ("root:root", "0600"), e["path"]
     env = parse_user_data(text)
-    assert set(env) == CONTRACT_KEYS
     c = p.credentials
+    host = variant["broker_host"]
     assert env["MODELSERVE_ROLE"] == variant["role"]
-    assert env["MODELSERVE_BROKER_URL"] == (
-        f"amqp://{c.broker_user}:{c.broker_password}@{variant['broker_host']}:5672/modelserve")
-    assert env["MODELSERVE_RESULT_URL"] == (
-        f"redis://:{c.redis_password}@{variant['broker_host']}:6379/0")
     assert env["MODELSERVE_BROKER_BIND"] == variant["broker_bind"]
+    paths = [e["path"] for e in doc["write_files"][:-1]]
+    if variant.get("tls") is None:  # no TLS: exactly the contract keys, plain URLs
+        assert set(env) == CONTRACT_KEYS and paths == []
+        assert env["MODELSERVE_BROKER_URL"] == (
+            f"amqp://{c.broker_user}:{c.broker_password}@{host}:5672/modelserve")
+        assert env["MODELSERVE_RESULT_URL"] == f"redis://:{c.redis_password}@{host}:6379/0"
+    elif variant["role"] == "front":  # exposed: plain AMQP on loopback, Redis TLS only
+        assert set(env) == CONTRACT_KEYS | {"MODELSERVE_BROKER_PEERS", "MODELSERVE_TLS_CA",
+                                            "MODELSERVE_TLS_CHECK_HOSTNAME"}
+        assert env["MODELSERVE_BROKER_PEERS"] == "10.77.0.13,10.77.0.14"
+        assert env["MODELSERVE_BROKER_URL"] == (
+            f"amqp://{c.broker_user}:{c.broker_password}@127.0.0.1:5672/modelserve")
+        assert env["MODELSERVE_RESULT_URL"] == f"rediss://:{c.redis_password}@127.0.0.1:6380/0"
+        assert paths == ["/etc/modelserve/tls/ca.pem", "/etc/modelserve/tls/server.pem",
+                         "/etc/modelserve/tls/server.key"]
+    else:  # a worker: TLS to its front, verified against the CA, the key never sent
+        assert env["MODELSERVE_BROKER_URL"] == (
+            f"amqps://{c.broker_user}:{c.broker_password}@{host}:5671/modelserve")
+        assert env["MODELSERVE_RESULT_URL"] == f"rediss://:{c.redis_password}@{host}:6380/0"
+        assert env["MODELSERVE_TLS_CA"] == "/run/modelserve/ca.pem"
+        assert env["MODELSERVE_TLS_CHECK_HOSTNAME"] == "1"  # the cert names this host
+        assert paths == ["/etc/modelserve/tls/ca.pem"]
+        assert TLS.key_pem not in text and "PRIVATE KEY" not in text
+
+
+def test_tls_files_carry_the_deploys_material():
+    doc = yaml.safe_load(render_user_data(params(**VARIANTS[1])))
+    files = {e["path"]: e["content"] for e in doc["write_files"]}
+    assert files["/etc/modelserve/tls/ca.pem"] == TLS.ca_pem
+    assert files["/etc/modelserve/tls/server.pem"] == TLS.cert_pem
+    assert files["/etc/modelserve/tls/server.key"] == TLS.key_pem
+
+
+def test_an_exposed_front_needs_tls_and_valid_peers():
+    with pytest.raises(ValueError, match="TLS"):
+        render_user_data(params(broker_bind="0.0.0.0"))
+    with pytest.raises(ValueError, match="IPv4"):
+        render_user_data(params(broker_bind="0.0.0.0", tls=TLS, broker_peers=("10.0.0.1\nX=1",)))
+    # peers unknown beforehand (a cloud that picks addresses itself): the cloud filters
+    env = parse_user_data(render_user_data(params(broker_bind="0.0.0.0", tls=TLS)))
+    assert env["MODELSERVE_BROKER_PEERS"] == "any"
+
+
+def test_a_worker_checks_the_address_only_when_the_certificate_names_it():
+    unnamed = tls.generate(None)
+    env = parse_user_data(render_user_data(params(role="worker", broker_host="10.77.0.12",
+                                                  tls=unnamed)))
+    assert env["MODELSERVE_TLS_CHECK_HOSTNAME"] == "0"  # the chain (this deploy's CA) only
 
 
 def test_credentials_are_fresh_and_never_repr():

@@ -196,7 +196,14 @@ class ProcessDriver(fake.FakeDriverWithoutFakeNodes):
         env["MODELSERVE_BROKER_URL"] = "amqp://{}:{}@127.0.0.1:{}/{}".format(
             urllib.parse.quote(user, safe=""), urllib.parse.quote(password, safe=""),
             self.rabbit_port, urllib.parse.quote(vhost, safe=""))
+        # the harness's RabbitMQ and these Redis processes are plain: the seed's TLS broker
+        # path (amqps/rediss with the deploy's CA, --workers) is what the image applies
+        for key in ("MODELSERVE_TLS_CA", "MODELSERVE_TLS_CHECK_HOSTNAME"):
+            env.pop(key, None)
         result = urllib.parse.urlsplit(env.get("MODELSERVE_RESULT_URL", ""))
+        if result.scheme == "rediss":
+            result = result._replace(scheme="redis")
+            env["MODELSERVE_RESULT_URL"] = result.geturl()
         if role == "front" and result.hostname:
             redis_pw = urllib.parse.unquote(result.password or "")
             self._start_redis(idir, fixed_ip, result.port or 6379, redis_pw)
