@@ -67,13 +67,6 @@ def test_deploy_with_a_worker_instance(cloud, releases, new_env, rollout, tmp_pa
                                  "modelserve-worker", "modelserve-web"], capture_output=True,
                                 text=True, check=False).stdout.split()
         assert active[0] == "active" and active[1] != "active", active
-        conns = subprocess.run(["lxc", "exec", worker.name, "--", "sh", "-c",
-                                "cat /proc/net/tcp"], capture_output=True, text=True,
-                               check=True).stdout
-        octets = front.address.split(".")
-        front_hex = "".join(f"{int(o):02X}" for o in reversed(octets))
-        for port in (5671, 6380):  # AMQPS and Redis TLS
-            assert f"{front_hex}:{port:04X}" in conns, f"worker has no connection to {port}"
         for path, mode in (("/etc/rabbitmq/tls/server.key", "640 root rabbitmq"),
                            ("/etc/redis/tls/server.key", "640 root redis"),
                            ("/run/modelserve/ca.pem", "640 root modelserve")):
@@ -119,6 +112,15 @@ def test_deploy_with_a_worker_instance(cloud, releases, new_env, rollout, tmp_pa
         status, body = _predict(fip)
         assert status == 200, body
         assert len(body["predictions"]) == 1
+        # ... over the worker's own connections to the front: AMQPS, and Redis TLS (which the
+        # worker opens only when it stores a result: so not before a task of its own)
+        conns = subprocess.run(["lxc", "exec", worker.name, "--", "sh", "-c",
+                                "cat /proc/net/tcp"], capture_output=True, text=True,
+                               check=True).stdout
+        octets = front.address.split(".")
+        front_hex = "".join(f"{int(o):02X}" for o in reversed(octets))
+        for port in (5671, 6380):  # AMQPS and Redis TLS
+            assert f"{front_hex}:{port:04X}" in conns, f"worker has no connection to {port}"
 
 
 # runs inside a container (python3 of the base image): how host:port answers
