@@ -22,6 +22,28 @@ HOST = "127.0.0.1"
 PRIVATE_CIDR = "127.42.0.0/24"
 PUBLIC_CIDR = "127.43.0.0/24"
 
+# The LXD compute host (lxd_driver.py): a second nova-compute, host LXD_HOST, in aggregate /
+# availability zone LXD_AZ, reserved to project LXD_PROJECT_OS (its servers land nowhere else,
+# nobody else's land there). Its servers are containers in the LXD project LXD_PROJECT on the
+# bridge LXD_BRIDGE, which the harness creates: the Neutron subnet of that project IS the
+# bridge's subnet, and floating IPs come from LXD_FIP_CIDR (network forwards on the bridge).
+LXD_HOST = "ms-lxd"
+LXD_AZ = "lxd"
+LXD_PROJECT_OS = "modelserve-lxd"
+LXD_PROJECT = os.environ.get("MODELSERVE_OS_LXD_PROJECT", "modelserve-os")
+LXD_BRIDGE = os.environ.get("MODELSERVE_OS_LXD_BRIDGE", "msosbr0")
+LXD_GATEWAY = os.environ.get("MODELSERVE_OS_LXD_GATEWAY", "10.88.42.1")
+LXD_CIDR = os.environ.get("MODELSERVE_OS_LXD_CIDR", "10.88.42.0/24")
+LXD_FIP_CIDR = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR", "10.88.43.0/24")
+LXD_POOL = os.environ.get("MODELSERVE_OS_LXD_POOL", "default")
+LXD_BASE_ALIAS = os.environ.get("MODELSERVE_BASE_ALIAS", "modelserve-base-debian12")
+LXD_DISK_FORMAT = "lxd"  # Glance disk_format of an LXD unified tarball (container_format bare)
+
+
+def lxd_wanted() -> str:
+    """MODELSERVE_OS_LXD: ``0`` never, ``1`` required, else (default) when LXD is usable."""
+    return os.environ.get("MODELSERVE_OS_LXD", "auto").strip().lower() or "auto"
+
 
 def _port(name: str, default: int) -> int:
     return int(os.environ.get(f"MODELSERVE_OS_{name}_PORT", default))
@@ -133,6 +155,8 @@ key_repository = {s}/keystone/credential-keys
         etc / "glance/glance-api.conf": f"""[DEFAULT]
 enabled_backends = fs:file
 worker_self_reference_url = http://{HOST}:{ports.glance}
+[image_format]
+disk_formats = ami,ari,aki,vhd,vhdx,vmdk,raw,qcow2,vdi,iso,ploop,{LXD_DISK_FORMAT}
 [database]
 connection = {db}/glance
 {authtoken('glance')}
@@ -183,8 +207,11 @@ region_name = {REGION}
 {client('service_user', 'nova')}send_service_user_token = true
 [scheduler]
 discover_hosts_in_cells_interval = 2
+limit_tenants_to_placement_aggregate = true
 [filter_scheduler]
 track_instance_changes = false
+enabled_filters = ComputeFilter,ComputeCapabilitiesFilter,ImagePropertiesFilter,\
+ServerGroupAntiAffinityFilter,ServerGroupAffinityFilter,AggregateMultiTenancyIsolation
 [oslo_concurrency]
 lock_path = {s}/nova/lock
 [oslo_messaging_notifications]
@@ -193,6 +220,14 @@ driver = noop
 enabled = false
 [cinder]
 os_region_name = {REGION}
+""",
+        etc / "nova/nova-lxd.conf": f"""[DEFAULT]
+host = {LXD_HOST}
+compute_driver = modelserve_lxd.LxdDriver
+state_path = {s}/nova-lxd
+instances_path = {s}/nova-lxd/instances
+[oslo_concurrency]
+lock_path = {s}/nova-lxd/lock
 """,
         etc / "neutron/neutron.conf": f"""[DEFAULT]
 core_plugin = ml2
@@ -220,7 +255,7 @@ tenant_network_types = vxlan
 mechanism_drivers = modelserve_loopback
 extension_drivers = port_security
 [ml2_type_flat]
-flat_networks = public
+flat_networks = public,public-lxd
 [ml2_type_vxlan]
 vni_ranges = 1:1000
 """,
@@ -249,5 +284,12 @@ def service_env(layout: Layout, name: str) -> dict:
         "OS_NEUTRON_CONFIG_DIR": str(etc / "neutron"),
         "OS_NEUTRON_CONFIG_FILES": "neutron.conf;plugins/ml2/ml2_conf.ini",
         "MODELSERVE_OS_FIP_MAP": str(layout.fip_map),
+        # the LXD host's driver and the L3 plugin's forwards (lxdcli.py); a private lxc
+        # config dir: never the user's current project/remote
+        "MODELSERVE_OS_LXD_PROJECT": LXD_PROJECT,
+        "MODELSERVE_OS_LXD_BRIDGE": LXD_BRIDGE,
+        "MODELSERVE_OS_LXD_POOL": LXD_POOL,
+        "MODELSERVE_OS_LXD_FIP_CIDR": LXD_FIP_CIDR,
+        "LXD_CONF": str(layout.state / "lxc-conf"),
     })
     return env

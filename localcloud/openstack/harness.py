@@ -86,6 +86,27 @@ class Harness:
         self.app_python = app_python or os.environ.get(
             "MODELSERVE_OS_APP_PYTHON", str(config.REPO / ".venv/bin/python"))
         self.timings: dict[str, float] = {}
+        self._lxd: bool | None = None
+        self.compute_started: dict[str, float] = {}
+
+    @property
+    def lxd(self) -> bool:
+        """Whether this harness runs the LXD compute host (MODELSERVE_OS_LXD: 0 | 1 | auto,
+        the default: when LXD answers and the local-cloud base image exists)."""
+        if self._lxd is None:
+            from localcloud.openstack import lxdhost
+
+            wanted = config.lxd_wanted()
+            if wanted in ("0", "no", "false", "off"):
+                self._lxd = False
+            else:
+                why = lxdhost.usable()
+                if why and wanted in ("1", "yes", "true", "on"):
+                    raise HarnessError(f"MODELSERVE_OS_LXD=1 but the LXD host cannot run: {why}")
+                if why:
+                    log.info("no LXD compute host: %s", why)
+                self._lxd = why is None
+        return self._lxd
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -94,6 +115,8 @@ class Harness:
 
     def _env(self, name="") -> dict:
         env = config.service_env(self.layout, name)
+        if name == "nova-compute-lxd":
+            env["MODELSERVE_OS_STATE"] = str(self.layout.state)
         if name == "nova-compute":
             env.update({
                 "MODELSERVE_OS_STATE": str(self.layout.state),
@@ -138,7 +161,8 @@ class Harness:
         pw = self.layout.secrets()
         for sub in ("keystone/fernet-keys", "keystone/credential-keys", "glance/images",
                     "glance/staging", "glance/tasks", "glance/lock", "nova/instances",
-                    "nova/lock", "neutron/lock", "instances", "rabbitmq/log"):
+                    "nova/lock", "neutron/lock", "instances", "rabbitmq/log",
+                    "nova-lxd/instances", "nova-lxd/lock", "lxc-conf"):
             (self.layout.state / sub).mkdir(parents=True, exist_ok=True)
         self.layout.state.chmod(0o700)
         for sub in ("keystone/fernet-keys", "keystone/credential-keys"):
@@ -324,11 +348,16 @@ class Harness:
         self._wsgi("neutron", "neutron.wsgi.api", p.neutron)
         for daemon in ("nova-conductor", "nova-scheduler"):
             self.procs.start(daemon, [str(self.bin / daemon), *nconf], env=self._env(daemon))
-        if not self.procs.pid("nova-compute"):
-            self.compute_started = time.time()
-        self.procs.start("nova-compute", [str(self.bin / "python"), "-m",
-                                          "modelserve_os_plugins.nova_compute", *nconf],
-                         env=self._env("nova-compute"))
+        computes = {"nova-compute": nconf}
+        if self.lxd:
+            computes["nova-compute-lxd"] = nconf + [
+                "--config-file", str(self.layout.etc / "nova/nova-lxd.conf")]
+        for name, argv in computes.items():
+            if not self.procs.pid(name):
+                self.compute_started[name] = time.time()
+            self.procs.start(name, [str(self.bin / "python"), "-m",
+                                    "modelserve_os_plugins.nova_compute", *argv],
+                             env=self._env(name))
         self.forwarder_up()
         for name, port in (("glance", p.glance), ("placement", p.placement),
                            ("nova-api", p.nova), ("neutron", p.neutron)):
@@ -346,22 +375,39 @@ class Harness:
         from localcloud.openstack import seed
 
         conn = seed.connect(self, admin=True)
-        since = getattr(self, "compute_started", 0.0) - 2.0
+        hosts = {"modelserve-compute": "nova-compute"}
+        if self.lxd:
+            hosts[config.LXD_HOST] = "nova-compute-lxd"
 
-        def reported() -> bool:
+        def reported(host, name) -> bool:
             # a restarted compute's old record still says "up": wait for this process's report
-            for svc in conn.compute.services(binary="nova-compute"):
+            since = self.compute_started.get(name, 0.0) - 2.0
+            for svc in conn.compute.services(binary="nova-compute", host=host):
                 stamp = (svc.updated_at or "").replace("Z", "")
                 if svc.state == "up" and stamp and datetime.fromisoformat(stamp).replace(
                         tzinfo=timezone.utc).timestamp() >= since:
                     return True
             return False
 
-        _wait(reported, "nova-compute to register", 180, self.procs, "nova-compute", 1.0)
+        for host, name in hosts.items():
+            _wait(lambda host=host, name=name: reported(host, name),
+                  f"{name} to register", 180, self.procs, name, 1.0)
         self._manage("nova-manage", "--config-file", str(self.layout.etc / "nova/nova.conf"),
                      "cell_v2", "discover_hosts", what="nova discover_hosts")
-        _wait(lambda: any(True for _ in conn.compute.hypervisors()), "a hypervisor", 120,
-              self.procs, "nova-compute")
+        _wait(lambda: len(list(conn.compute.hypervisors())) >= len(hosts),
+              "the hypervisors", 120, self.procs, "nova-compute")
+
+    def lxd_up(self) -> None:
+        """The LXD host's project and bridge, and the Glance base image's tarball."""
+        from localcloud.openstack import lxdhost
+
+        if not self.lxd:
+            return
+        try:
+            lxdhost.ensure_project_and_bridge()
+            self.base_tarball = lxdhost.base_tarball()
+        except (lxdhost.LxdHostError, subprocess.SubprocessError) as exc:
+            raise HarnessError(f"the LXD compute host: {exc}") from exc
 
     # ---------------------------------------------------------------- up / down
     def up(self) -> dict:
@@ -378,9 +424,12 @@ class Harness:
         self._timed("db-sync", self.db_sync)
         self._timed("keystone", self.keystone_up)
         self._timed("keystone-catalog", seed.register_services, self)
+        self._timed("lxd-host", self.lxd_up)
         self._timed("services", self.services_up)
         self._timed("discover-hosts", self.discover_hosts)
         self._timed("seed", seed.seed_project, self)
+        if self.lxd:
+            self._timed("seed-lxd", seed.seed_lxd, self, self.base_tarball)
         self.write_clouds_yaml()
         self.timings["total"] = round(time.monotonic() - t0, 2)
         return self.timings
@@ -406,7 +455,8 @@ class Harness:
         from localcloud.openstack.procs import _signal_group
 
         stopped = []
-        order = ["fip-forwarder", "nova-compute", "nova-scheduler", "nova-conductor",
+        order = ["fip-forwarder", "nova-compute", "nova-compute-lxd", "nova-scheduler",
+                 "nova-conductor",
                  "nova-api", "neutron", "placement", "glance", "keystone"]
         for name in order + [n for n in self.procs.names()
                              if n not in order + ["rabbitmq", "mariadb"]]:
@@ -421,13 +471,24 @@ class Harness:
         for name in ("rabbitmq", "mariadb"):
             if self.procs.stop(name, timeout=30):
                 stopped.append(name)
+        stopped += self.lxd_down()
         return stopped
+
+    def lxd_down(self) -> list[str]:
+        """Remove what the LXD host made in LXD (containers, images, project, forwards,
+        bridge), whatever MODELSERVE_OS_LXD says now."""
+        from localcloud.openstack import lxdhost
+
+        if not shutil.which("lxc") or lxdhost.lxc("query", "/1.0", check=False,
+                                                  timeout=30).returncode:
+            return []
+        return lxdhost.remove_all()
 
     def status(self) -> dict:
         """name → PID or None, for every daemon the harness knows."""
         names = ["mariadb", "rabbitmq", "keystone", "glance", "placement", "nova-api",
                  "nova-conductor", "nova-scheduler", "nova-compute", "neutron",
-                 "fip-forwarder"]
+                 "fip-forwarder"] + (["nova-compute-lxd"] if self.lxd else [])
         return {n: self.procs.pid(n) for n in names}
 
     def write_clouds_yaml(self) -> str:
@@ -444,6 +505,9 @@ class Harness:
 
         text = ("clouds:\n" + entry(config.CLOUD, "modelserve", pw["modelserve"], "modelserve")
                 + entry(config.CLOUD + "-admin", "admin", pw["admin"], "admin"))
+        if self.lxd:  # the LXD host's project (its servers are containers)
+            text += entry(config.CLOUD + "-lxd", "modelserve", pw["modelserve"],
+                          config.LXD_PROJECT_OS)
         path = self.layout.clouds_yaml
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -25,6 +25,25 @@ QUOTA_INSTANCES = 40
 HUGE_RAM_MB = 256 * 1024  # the process driver's hypervisor has 32 GiB
 
 
+def _router_and_group(net, name, public, private, subnet):
+    """The router ``name`` between ``public`` and ``private`` (its interface on ``subnet``),
+    and the project's web + ssh security group; both idempotent: (router, group)."""
+    router = net.find_router(name)
+    if router is None:
+        router = net.create_router(name=name, external_gateway_info={"network_id": public.id})
+    if not list(net.ports(device_id=router.id, network_id=private.id)):
+        net.add_interface_to_router(router, subnet_id=subnet.id)
+    sg = net.find_security_group(SECGROUP)
+    if sg is None:
+        sg = net.create_security_group(name=SECGROUP, description="modelserve web + ssh")
+        for port in (8080, 22):
+            net.create_security_group_rule(security_group_id=sg.id, direction="ingress",
+                                           protocol="tcp", port_range_min=port,
+                                           port_range_max=port, remote_ip_prefix="0.0.0.0/0",
+                                           ethertype="IPv4")
+    return router, sg
+
+
 def connect(harness, admin=False, project=PROJECT) -> openstack.connection.Connection:
     """A connection straight to the harness's Keystone (no clouds.yaml needed)."""
     pw = harness.layout.secrets()
@@ -123,20 +142,7 @@ def seed_project(harness) -> dict:
         name=SUBNET, network_id=private.id, ip_version=4, cidr=config.PRIVATE_CIDR,
         gateway_ip="127.42.0.1", is_dhcp_enabled=False,
         allocation_pools=[{"start": "127.42.0.10", "end": "127.42.0.250"}])
-    router = net.find_router(ROUTER)
-    if router is None:
-        router = net.create_router(name=ROUTER,
-                                   external_gateway_info={"network_id": public.id})
-    if not list(net.ports(device_id=router.id, network_id=private.id)):
-        net.add_interface_to_router(router, subnet_id=subnet.id)
-    sg = net.find_security_group(SECGROUP)
-    if sg is None:
-        sg = net.create_security_group(name=SECGROUP, description="modelserve web + ssh")
-        for port in (8080, 22):
-            net.create_security_group_rule(security_group_id=sg.id, direction="ingress",
-                                           protocol="tcp", port_range_min=port,
-                                           port_range_max=port, remote_ip_prefix="0.0.0.0/0",
-                                           ethertype="IPv4")
+    router, sg = _router_and_group(net, ROUTER, public, private, subnet)
 
     if conn.compute.find_keypair(KEYPAIR) is None:
         key = harness.layout.state / "modelserve-key"
@@ -167,3 +173,86 @@ def upload_image(conn, release: str, data: bytes, properties: dict | None = None
     return conn.image.create_image(
         name=name or f"modelserve-{release}", data=data, disk_format="raw",
         container_format="bare", visibility="private", wait=True, **props)
+
+
+LXD_NETWORK = "modelserve-lxd-net"
+LXD_SUBNET = "modelserve-lxd-subnet"
+LXD_ROUTER = "modelserve-lxd-router"
+LXD_PUBLIC = "public-lxd"
+LXD_AGGREGATE = "lxd"
+BASE_IMAGE = "debian-12-modelserve-base"
+FLAVOR_LXD = "ms.lxd"  # room for the real image (TensorFlow front + worker)
+
+
+def seed_lxd(harness, base_tarball: Path) -> dict:
+    """The LXD host's project (config.LXD_PROJECT_OS): its servers, and only its, land on the
+    LXD host (aggregate ``lxd``, availability zone ``lxd``, ``filter_tenant_id``); a network on
+    the LXD bridge's subnet; an external network ``public-lxd`` (floating IPs = LXD network
+    forwards) that only this project sees (RBAC access_as_external: the other project keeps
+    exactly one external network); router, security group, the Debian base image in Glance
+    (public, disk_format lxd). The user ``modelserve`` is a member, so its keypair works here."""
+    admin = connect(harness, admin=True)
+    idt = admin.identity
+    project = idt.find_project(config.LXD_PROJECT_OS) or idt.create_project(
+        name=config.LXD_PROJECT_OS, domain_id="default",
+        description="modelserve on the LXD compute host")
+    user = idt.find_user("modelserve", domain_id="default")
+    idt.assign_project_role_to_user(project, user, idt.find_role("member"))
+    admin.set_compute_quotas(project.id, instances=QUOTA_INSTANCES, cores=QUOTA_INSTANCES,
+                             ram=2 * HUGE_RAM_MB)
+    if admin.compute.find_flavor(FLAVOR_LXD) is None:
+        admin.compute.create_flavor(name=FLAVOR_LXD, vcpus=2, ram=2048, disk=5, is_public=True)
+
+    agg = next((a for a in admin.compute.aggregates() if a.name == LXD_AGGREGATE), None)
+    if agg is None:
+        agg = admin.compute.create_aggregate(name=LXD_AGGREGATE,
+                                             availability_zone=config.LXD_AZ)
+    if config.LXD_HOST not in (agg.hosts or []):
+        agg = admin.compute.add_host_to_aggregate(agg, config.LXD_HOST)
+    if (agg.metadata or {}).get("filter_tenant_id") != project.id:
+        admin.compute.set_aggregate_metadata(agg, {"filter_tenant_id": project.id})
+
+    net = admin.network
+    public = net.find_network(LXD_PUBLIC)
+    if public is None:
+        public = net.create_network(name=LXD_PUBLIC, provider_network_type="flat",
+                                    provider_physical_network="public-lxd")
+    if not list(net.rbac_policies(object_id=public.id, action="access_as_external")):
+        net.create_rbac_policy(object_type="network", object_id=public.id,
+                               action="access_as_external", target_project_id=project.id)
+    if not list(net.subnets(network_id=public.id)):
+        fips = config.LXD_FIP_CIDR.rsplit(".", 1)[0]
+        net.create_subnet(name="public-lxd-subnet", network_id=public.id, ip_version=4,
+                          cidr=config.LXD_FIP_CIDR, gateway_ip=f"{fips}.1",
+                          is_dhcp_enabled=False,
+                          allocation_pools=[{"start": f"{fips}.10", "end": f"{fips}.250"}])
+
+    conn = connect(harness, project=config.LXD_PROJECT_OS)
+    net = conn.network
+    base = config.LXD_GATEWAY.rsplit(".", 1)[0]
+    private = net.find_network(LXD_NETWORK) or net.create_network(name=LXD_NETWORK)
+    subnet = net.find_subnet(LXD_SUBNET) or net.create_subnet(
+        name=LXD_SUBNET, network_id=private.id, ip_version=4, cidr=config.LXD_CIDR,
+        gateway_ip=config.LXD_GATEWAY, is_dhcp_enabled=False,
+        dns_nameservers=[config.LXD_GATEWAY],  # LXD's dnsmasq on the bridge
+        allocation_pools=[{"start": f"{base}.10", "end": f"{base}.249"}])
+    router, _ = _router_and_group(net, LXD_ROUTER, public, private, subnet)
+    image = upload_base_image(admin, base_tarball)
+    return {"project": project.id, "network": private.id, "subnet": subnet.id,
+            "router": router.id, "public": public.id, "aggregate": agg.id, "image": image.id}
+
+
+def upload_base_image(admin, tarball: Path):
+    """The Debian base (LXD unified tarball) as a public Glance image, once per build key."""
+    key = tarball.name.removeprefix("openstack-base-").split(".")[0]
+    for image in admin.image.images(name=BASE_IMAGE):
+        if (image.properties or {}).get("modelserve_base_key") == key and \
+                image.status == "active":
+            return image
+        admin.image.delete_image(image.id, ignore_missing=True)  # an older build
+    with open(tarball, "rb") as fh:
+        return admin.image.create_image(
+            name=BASE_IMAGE, data=fh, disk_format=config.LXD_DISK_FORMAT,
+            container_format="bare", visibility="public", wait=True,
+            os_distro="debian", os_version="12", hypervisor_type="lxc",
+            modelserve_base_key=key)

@@ -1,17 +1,24 @@
 """An L3 service plugin whose floating IPs go ACTIVE without an L3 agent.
 
-It also writes the floating-IP → fixed-IP map to a JSON file that the harness's forwarder
-reads, so traffic sent to a floating address really reaches the port it is associated with
-(the job an L3 agent or OVN does in a real cloud).
+It also makes traffic sent to a floating address really reach the port it is associated with
+(the job an L3 agent or OVN does in a real cloud):
+* a floating IP from the LXD host's range (MODELSERVE_OS_LXD_FIP_CIDR, network ``public-lxd``)
+  is an LXD network forward on the LXD bridge: listen address = the floating IP, default
+  target = the fixed IP (all ports, as 1:1 NAT), kept in sync on every change;
+* any other (loopback) one goes into the JSON map the harness's user-space forwarder reads.
 """
 
+import ipaddress
 import json
+import logging
 import os
 import tempfile
 
 from neutron.services.l3_router import l3_router_plugin
 from neutron_lib import constants
 from neutron_lib import context as n_context
+
+from modelserve_os_plugins import lxdcli
 
 
 class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
@@ -32,6 +39,14 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
         super().delete_floatingip(context, id)
         self._write_map()
 
+    def disassociate_floatingips(self, context, port_id):
+        """A port goes (server deleted): its floating IPs lose their target, and so do the
+        forwards. (This runs inside the port's delete transaction: a fresh session still
+        sees the old association, so the port is left out explicitly.)"""
+        result = super().disassociate_floatingips(context, port_id)
+        self._write_map(gone_port=port_id)
+        return result
+
     def _settle(self, context, fip):
         status = (constants.FLOATINGIP_STATUS_ACTIVE if fip.get("port_id")
                   else constants.FLOATINGIP_STATUS_DOWN)
@@ -41,17 +56,51 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
         self._write_map()
         return fip
 
-    def _write_map(self):
+    def _write_map(self, gone_port=None):
         path = os.environ.get("MODELSERVE_OS_FIP_MAP")
         if not path:
             return
         admin = n_context.get_admin_context()
-        mapping = {
-            f["floating_ip_address"]: f["fixed_ip_address"]
-            for f in self.get_floatingips(admin)
-            if f.get("fixed_ip_address")
-        }
+        lxd_net = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR")
+        lxd_net = ipaddress.ip_network(lxd_net) if lxd_net else None
+        mapping, forwards = {}, {}
+        for f in self.get_floatingips(admin):
+            if not f.get("fixed_ip_address") or f.get("port_id") == gone_port:
+                continue
+            if lxd_net and ipaddress.ip_address(f["floating_ip_address"]) in lxd_net:
+                forwards[f["floating_ip_address"]] = f["fixed_ip_address"]
+            else:
+                mapping[f["floating_ip_address"]] = f["fixed_ip_address"]
+        if lxd_net and forwards != getattr(self, "_forwards_synced", {}):
+            # only when they change: the loopback floating IPs' updates cost no lxc call
+            self._forwards_synced = forwards if _sync_forwards(lxd_net, forwards) else None
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".fipmap")
         with os.fdopen(fd, "w") as fh:
             json.dump(mapping, fh)
         os.replace(tmp, path)
+
+
+LOG = logging.getLogger(__name__)
+
+
+def _sync_forwards(lxd_net, wanted):
+    """Make the LXD bridge's forwards (listen addresses in `lxd_net`) exactly `wanted`
+    ({floating address: fixed address}); a failure is logged, never fails the API call."""
+    try:
+        have = {f["listen_address"]: (f.get("config") or {}).get("target_address")
+                for f in lxdcli.forwards()
+                if ipaddress.ip_address(f["listen_address"]) in lxd_net}
+        path = f"/1.0/networks/{lxdcli.bridge()}/forwards"
+        for addr in set(have) - set(wanted):
+            lxdcli.query(f"{path}/{addr}", "DELETE", check=False)
+        for addr, target in wanted.items():
+            body = {"description": "Neutron floating IP (modelserve harness)",
+                    "config": {"target_address": target}, "ports": []}
+            if addr not in have:
+                lxdcli.query(path, "POST", dict(body, listen_address=addr))
+            elif have[addr] != target:
+                lxdcli.query(f"{path}/{addr}", "PUT", body)
+        return True
+    except Exception:  # noqa: BLE001 - the API answer stands; the next change re-syncs
+        LOG.exception("could not sync the LXD forwards of the floating IPs")
+        return False
