@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP_CACHE ?= /var/cache/modelserve/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 
-.PHONY: help setup venv run test test-unit test-integration bench lint train
+.PHONY: help setup venv run test test-unit test-integration bench bench-paths lint train
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
@@ -34,8 +34,11 @@ test-unit: venv ## unit tests only (no services)
 test-integration: setup ## app tests against real RabbitMQ/Redis/workers
 	$(PY) -m pytest tests/integration
 
-bench: setup ## app benchmark: broker path vs in-process floor vs the seed's path
-	$(PY) bench/app_bench.py
+bench: setup ## modelserve as deployed vs FastAPI/uvicorn and BentoML (BENCH_ARGS=--quick for a smoke check)
+	$(PY) bench/peer_bench.py $(BENCH_ARGS)
+
+bench-paths: setup ## app paths: broker vs in-process floor vs the seed's path
+	$(PY) bench/app_bench.py --out bench/results/paths.json
 
 TEST_TIERS ?= tests/unit tests/integration
 test: setup ## the whole suite, services included
