@@ -498,7 +498,7 @@ def cow_pool() -> str | None:
     there, and a release is warmed on it (``warm_on_cow_pool``)."""
     if os.environ.get("MODELSERVE_LXD_POOL"):
         return None
-    name = os.environ.get("MODELSERVE_LXD_COW_POOL", "").strip() or "modelserve-cow"
+    name = lxd_project_module().cow_pool_name()
     return name if lxc_ok("storage", "show", name) else None
 
 

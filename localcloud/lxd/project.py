@@ -47,6 +47,12 @@ def pool_name() -> str:
     return os.environ.get("MODELSERVE_LXD_POOL", "default")
 
 
+def cow_pool_name() -> str:
+    """The copy-on-write pool up.sh makes where btrfs and loop devices allow
+    (MODELSERVE_LXD_COW_POOL, default ``modelserve-cow``); it may not exist."""
+    return os.environ.get("MODELSERVE_LXD_COW_POOL", "").strip() or "modelserve-cow"
+
+
 def base_alias() -> str:
     return os.environ.get("MODELSERVE_BASE_ALIAS", "modelserve-base-debian12")
 
