@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks.configure(str(bundle.path))
     celery = make_celery(config)
+    # the broker may still be starting beside us: poll its port instead of kombu's 2-4-6 s backoff
+    celery.conf.worker_consumer = "app.broker_wait:Consumer"
     celery.set_default()
     instance = config.instance_name or socket.gethostname()
     register_identity(bundle.sha256, instance, config.role)
