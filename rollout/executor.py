@@ -110,6 +110,7 @@ class Executor:
         self.probe_result: health.ProbeResult | None = None
         self.credentials = Credentials.generate()
         self.addresses: dict[str, str] = {}  # instance name -> fixed address picked for it
+        self.early: set[str] = set()  # workers created beside their front (launch_front)
         self.tls: tls.TLSMaterial | None = None  # the deploy's CA, when it has workers
         self.result: dict = {}
         self.started = time.monotonic()
@@ -461,6 +462,10 @@ class Executor:
             self.ctx.cloud.delete_release(rel)
 
     def _launch(self, name: str, release: str, params: SeedParams, role: str) -> Instance:
+        self._create(name, release, params, role)
+        return self._wait_up(name)
+
+    def _create(self, name: str, release: str, params: SeedParams, role: str) -> Instance:
         ctx = self.ctx
         rel = self.observed.release(release)
         if rel is None:
@@ -473,9 +478,13 @@ class Executor:
         self.created.append(name)  # registered before the call: a signal mid-create cleans too
         inst = ctx.cloud.create_instance(spec)
         self.by_name[name] = inst
-        inst = ctx.cloud.wait_for_instance(inst.id, timeout=ctx.boot_timeout)
+        return inst
+
+    def _wait_up(self, name: str) -> Instance:
+        inst = self.ctx.cloud.wait_for_instance(self.by_name[name].id,
+                                                timeout=self.ctx.boot_timeout)
         self.by_name[name] = inst
-        ctx.reporter.info(f"{name} is up at {inst.address}")
+        self.ctx.reporter.info(f"{name} is up at {inst.address}")
         return inst
 
     def _seed(self, role: str, release: str, colour: str, **kw) -> SeedParams:
@@ -497,12 +506,27 @@ class Executor:
             self.tls = tls.generate(self.addresses.get(step.name))
             kw.update(tls=self.tls, broker_peers=tuple(
                 self.addresses[w] for w in workers if w in self.addresses))
-        self._launch(step.name, step.release,
+        self._create(step.name, step.release,
                      self._seed("front", step.release, step.colour, **kw), "front")
+        # Workers whose addresses are fixed need nothing of the running front (its address is
+        # fixed too): create them now, so they boot beside it and their addresses are held by
+        # the cloud from this moment, not only in this process's memory until their own step.
+        early = [w for w in workers if w in self.addresses and step.name in self.addresses]
+        for name in early:
+            self._create(name, step.release, self._seed(
+                "worker", step.release, step.colour, broker_host=self.addresses[step.name],
+                tls=self.tls), "worker")
+        if early:
+            self.early.update(early)
+            self.ctx.reporter.info(f"{', '.join(early)} created beside the front")
+        self._wait_up(step.name)
 
     def do_launch_workers(self, step: LaunchWorkers) -> None:
         front = self.by_name[step.front]
         for name in step.names:
+            if name in self.early:  # created beside its front: wait for its boot only
+                self._wait_up(name)
+                continue
             self._launch(name, step.release,
                          self._seed("worker", step.release, step.colour,
                                     broker_host=front.address, tls=self.tls), "worker")

@@ -5,6 +5,7 @@ names its address; one CA per deploy, its key on the front only."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -114,3 +115,59 @@ def test_a_cloud_that_assigns_addresses_itself_gets_tls_without_an_address_filte
     wenv = parse_user_data(worker.user_data)
     assert wenv["MODELSERVE_BROKER_URL"].startswith("amqps://")
     assert wenv["MODELSERVE_TLS_CHECK_HOSTNAME"] == "0"  # the CA chain only
+
+
+class OrderCloud(RecordingCloud):
+    """Records creates and boot waits (an instance's first read) in order; ``fail_wait``: the
+    instance of that role reads as ERROR (its boot failed)."""
+
+    def __init__(self, *a, fail_wait: str = "", **kw):
+        super().__init__(*a, **kw)
+        self.order, self.fail_wait, self._read = [], fail_wait, set()
+
+    def create_instance(self, spec):
+        self.order.append(("create", spec.labels["role"]))
+        return super().create_instance(spec)
+
+    def get_instance(self, instance_id):
+        inst = super().get_instance(instance_id)
+        if instance_id not in self._read:
+            self._read.add(instance_id)
+            self.order.append(("wait", inst.role))
+        return replace(inst, status="ERROR") if inst.role == self.fail_wait else inst
+
+
+def test_workers_with_fixed_addresses_are_created_beside_their_front():
+    """Created before the front's boot wait: they boot in parallel with it, and the cloud
+    holds their addresses from then on (not only this process, for a whole front boot)."""
+    cloud = OrderCloud(RELEASES, port=free_port(), picks=True)
+    try:
+        deploy(cloud, "a", workers=2)
+        assert cloud.order == [("create", "front"), ("create", "worker"), ("create", "worker"),
+                               ("wait", "front"), ("wait", "worker"), ("wait", "worker")]
+    finally:
+        cloud.close()
+
+
+def test_a_cloud_that_assigns_addresses_launches_workers_after_their_front():
+    cloud = OrderCloud(RELEASES, port=free_port(), picks=False)
+    try:
+        deploy(cloud, "a", workers=1)  # the worker's seed needs the front's address
+        assert cloud.order == [("create", "front"), ("wait", "front"), ("create", "worker"),
+                               ("wait", "worker")]
+    finally:
+        cloud.close()
+
+
+def test_a_front_that_fails_to_boot_takes_its_early_workers_with_it():
+    from rollout.errors import RolloutError
+
+    cloud = OrderCloud(RELEASES, port=free_port(), picks=True, fail_wait="front")
+    try:
+        with pytest.raises(RolloutError):
+            deploy(cloud, "a", workers=2)
+        assert [c for c in cloud.order if c[0] == "create"] == [
+            ("create", "front"), ("create", "worker"), ("create", "worker")]
+        assert cloud.instances == {}  # the undo deleted the front and both workers
+    finally:
+        cloud.close()
