@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from amqp.exceptions import MessageNacked
@@ -16,6 +20,7 @@ from app.celery_app import ASYNC_QUEUE, PREDICT_TASK, QUEUE, make_celery, waitin
 from app.codec import pack, unpack
 from app.config import Config
 from app.dispatch import Dispatcher, ObserveFn, Unavailable
+from app.limits import AsyncBusy
 
 _ACCEPTED_PREFIX = "modelserve-accepted-"
 # An async task not started by its expiry is dropped by the broker (the message TTL Celery sets
@@ -36,6 +41,28 @@ class QueueFull(Unavailable):
     """The bounded async queue refused the task (the broker nacked the publish): HTTP 503."""
 
 
+class _AsyncSlot:
+    """One async publisher: its own broker connection (publisher confirms), used by one
+    thread at a time, connected on first use and reconnected after a transport error."""
+
+    def __init__(self):
+        self._conn = self._producer = None
+
+    def producer(self, celery):
+        if self._producer is None:
+            self._conn = celery.connection_for_write()
+            self._producer = celery.amqp.Producer(self._conn, auto_declare=False)
+        return self._producer
+
+    def reset(self) -> None:
+        conn, self._conn, self._producer = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+
 class BrokerClient:
     """Publishes prediction tasks and reads their results; maps transport errors to 503s."""
 
@@ -48,12 +75,22 @@ class BrokerClient:
         # Celery keeps a backend per thread; lookups and marks share this one instead, so
         # request threads never open Redis connections of their own (thread-safe pool).
         self.results = self.celery._get_backend()
+        # async publishes: at most async_inflight at once, each slot with its own connection
+        self._async_slots: queue.LifoQueue[_AsyncSlot] = queue.LifoQueue()
+        for _ in range(config.async_inflight):
+            self._async_slots.put(_AsyncSlot())
+        self._held = threading.local()
         self.dispatcher = Dispatcher(self._send_and_wait, threads=config.dispatch_threads,
                                      batch_rows=max(config.batch_rows, 1), observe=observe)
 
     def close(self) -> None:
         """Stop the dispatcher and close broker and result-store connections."""
         self.dispatcher.close()
+        while True:
+            try:
+                self._async_slots.get_nowait().reset()
+            except queue.Empty:
+                break
         for celery in (self.celery, self.celery_sync):
             celery.amqp.producer_pool.force_close_all()
             celery.close()
@@ -86,34 +123,59 @@ class BrokerClient:
             raise Unavailable(f"broker or result store unreachable: {exc}") from None
         return unpack(out["probabilities"]).tolist(), out["sha256"]
 
-    def submit_async(self, rows: list[list[float]]) -> str:
-        """Publish one task (confirmed by the broker) and return its id."""
-        task_id = str(uuid.uuid4())
-        marker = _ACCEPTED_PREFIX + task_id
+    @contextmanager
+    def async_admission(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold one of the `async_inflight` async publish slots for the block, or raise
+        AsyncBusy (HTTP 429) when none frees within `wait` seconds (the web: 0, at once).
+
+        The bound keeps a flood of async requests to a few web threads and a few broker
+        connections, so the other threads (synchronous requests) are never all taken."""
         try:
-            # Mark the id as ours before publishing, so a lookup never confuses an accepted
-            # task with an unknown id, whatever the worker's speed.
-            # the value: when the task expires unless a worker has started it
-            self.results.client.set(marker, f"{time.time() + self.config.async_expires:.3f}",
-                                    ex=int(self.celery.conf.result_expires))
+            slot = self._async_slots.get(timeout=wait) if wait > 0 else self._async_slots.get_nowait()
+        except queue.Empty:
+            raise AsyncBusy(self.config.async_inflight) from None
+        self._held.slot = slot
+        try:
+            yield
+        finally:
+            self._held.slot = None
+            self._async_slots.put(slot)
+
+    def submit_async(self, rows: list[list[float]]) -> str:
+        """Publish one task (confirmed by the broker) and return its id. Inside
+        `async_admission()` it uses the slot held; else it waits for one."""
+        slot = getattr(self._held, "slot", None)
+        if slot is None:
+            with self.async_admission(wait=self.config.predict_timeout):
+                return self.submit_async(rows)
+        task_id = str(uuid.uuid4())
+        expires_at = time.time() + self.config.async_expires
+        try:
             # its own bounded queue; a task not started within async_expires is dropped (the
-            # message's TTL) instead of computed for nobody. First without kombu's
-            # retry, which would reconnect after every nack (a full queue); a transport error
-            # gets one more attempt with it (reconnects a connection a broker restart broke).
+            # message's TTL) instead of computed for nobody. Through the slot's own producer
+            # (not Celery's pool, which closes a connection after any error, so every nack
+            # of a full queue cost a new AMQP connection). First without kombu's retry; a
+            # transport error gets one more attempt with it (reconnects a connection a broker
+            # restart broke).
             for retry in (False, True):
                 try:
                     self.celery.send_task(PREDICT_TASK, args=[pack(rows)], queue=ASYNC_QUEUE,
                                           task_id=task_id, expires=self.config.async_expires,
-                                          retry=retry)
+                                          retry=retry, producer=slot.producer(self.celery))
                     break
                 except Exception as exc:  # noqa: BLE001 - a nack, or retried once
                     # kombu re-raises the broker's nack as OperationalError from MessageNacked
                     if isinstance(exc, MessageNacked) or isinstance(exc.__cause__, MessageNacked):
-                        self.results.client.delete(marker)
                         raise QueueFull(f"the async queue is full ({self.config.async_queue_max} "
                                         "tasks waiting); retry later") from None
+                    slot.reset()  # a broken connection: the next attempt opens a fresh one
                     if retry:
                         raise
+            # Mark the id as ours (the value: when the task expires unless a worker has
+            # started it), so a lookup tells an accepted task from an unknown id. After the
+            # publish is safe: nobody knows the id before the 202.
+            self.results.client.set(_ACCEPTED_PREFIX + task_id, f"{expires_at:.3f}",
+                                    ex=int(self.celery.conf.result_expires))
         except _TRANSPORT_ERRORS as exc:
             raise Unavailable(f"broker or result store unreachable: {exc}") from None
         return task_id

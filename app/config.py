@@ -121,6 +121,8 @@ class Config:
     drain_seconds: float = 25.0
     async_queue_max: int = 1000
     async_expires: float = 600.0
+    async_inflight: int = 2
+    async_nice: int = 10
     dispatch_threads: int = 2
     batch_rows: int = 512
     bundle_dir: str = ""
@@ -186,6 +188,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         drain_seconds=_float(src, "MODELSERVE_DRAIN_SECONDS", 25.0, 0.0, 600.0),
         async_queue_max=_int(src, "MODELSERVE_ASYNC_QUEUE_MAX", 1000, 1, 10_000_000),
         async_expires=_float(src, "MODELSERVE_ASYNC_EXPIRES", 600.0, 1.0, 86_400.0),
+        # async requests being accepted at once (a few web threads); beyond → 429 at once
+        async_inflight=_int(src, "MODELSERVE_ASYNC_INFLIGHT", 2, 1, 256),
+        # the async worker's niceness (app.worker.AsyncWorker; 0: as the sync worker)
+        async_nice=_int(src, "MODELSERVE_ASYNC_NICE", 10, 0, 19),
         dispatch_threads=_int(src, "MODELSERVE_DISPATCH_THREADS", 2, 1, 64),
         batch_rows=_int(src, "MODELSERVE_BATCH_ROWS", 512, 1, 1_000_000),
         bundle_dir=src.get("MODELSERVE_BUNDLE_DIR", ""),

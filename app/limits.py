@@ -33,6 +33,16 @@ class Overloaded(Unavailable):
     """Too much work in progress right now; the client should retry later (HTTP 503)."""
 
 
+class AsyncBusy(Unavailable):
+    """Every async publish slot is taken (MODELSERVE_ASYNC_INFLIGHT): HTTP 429 at
+    once, before the body is parsed."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"{limit} async requests are being accepted already (the limit, "
+                         "MODELSERVE_ASYNC_INFLIGHT); retry later")
+
+
 @dataclass(frozen=True)
 class Shape:
     """What the pre-scan saw: the deepest nesting, values in the body, items at depth 2."""

@@ -19,7 +19,7 @@ from app.bundle import Bundle, load_bundle
 from app.config import Config, load_config
 from app.dispatch import Unavailable
 from app.identity import IDENTITY_KEYS, read_release_file
-from app.limits import ByteBudget
+from app.limits import AsyncBusy, ByteBudget
 from app.metrics import Metrics
 from app.protocols import register_protocols
 from app.schema import ValidationError, parse_json, validate_instances
@@ -52,27 +52,35 @@ def _format(probabilities: list[float], sha256: str, bundle: Bundle) -> dict[str
 def predictions():
     """Score 1..max rows; 200 with predictions, or 202 + task URL with ?async=true."""
     state = _state()
-    bundle, config = state["bundle"], state["config"]
+    bundle = state["bundle"]
     mode = request.args.get("async", "false").lower()
     if mode not in ("true", "false", "1", "0"):
         raise ValidationError("async", "boolean", "async must be true or false")
     unknown = sorted(set(request.args) - {"async"})
     if unknown:
         raise ValidationError(unknown[0], "unknown_parameter", f"unknown query parameter {unknown[0]!r}")
-    features = bundle.metadata["features"]
-    # bounded: bytes parsed at once (503 beyond), rows and depth pre-scanned before json.loads
-    with state["parse_budget"].hold(request.content_length or config.max_body_bytes):
-        payload = parse_json(request.get_data(cache=False), request.content_type,
-                             max_rows=config.max_batch_rows, features=len(features))
-        rows = validate_instances(payload, features, config.max_batch_rows)
     client = state["client"]
     if mode in ("true", "1"):
-        task_id = client.submit_async(rows)
+        # admission first: beyond MODELSERVE_ASYNC_INFLIGHT async requests at once, 429 before
+        # the body is parsed, so a flood of them cannot take the threads sync requests need
+        with client.async_admission():
+            rows = _rows(state)
+            task_id = client.submit_async(rows)
         url = f"/api/v1/tasks/{task_id}"
         return jsonify({"task_id": task_id, "status_url": url, "rows": len(rows)}), 202, {
             "Location": url}
-    probabilities, sha256 = client.predict(rows)
+    probabilities, sha256 = client.predict(_rows(state))
     return jsonify(_format(probabilities, sha256, bundle))
+
+
+def _rows(state: dict[str, Any]) -> list[list[float]]:
+    """The request's validated rows. Bounded: bytes parsed at once (503 beyond), rows and depth
+    pre-scanned before json.loads."""
+    config, features = state["config"], state["bundle"].metadata["features"]
+    with state["parse_budget"].hold(request.content_length or config.max_body_bytes):
+        payload = parse_json(request.get_data(cache=False), request.content_type,
+                             max_rows=config.max_batch_rows, features=len(features))
+        return validate_instances(payload, features, config.max_batch_rows)
 
 
 @api.get("/api/v1/tasks/<task_id>")
@@ -279,6 +287,13 @@ def create_app(config: Config | None = None, bundle: Bundle | None = None,
     @app.errorhandler(Unavailable)
     def _unavailable(exc: Unavailable):
         body, status = _error(503, "unavailable", str(exc))
+        body.headers["Retry-After"] = "1"
+        return body, status
+
+    @app.errorhandler(AsyncBusy)
+    def _async_busy(exc: AsyncBusy):
+        body, status = _error(429, "too_many_requests", str(exc), rule="async_inflight",
+                              limit=exc.limit)
         body.headers["Retry-After"] = "1"
         return body, status
 

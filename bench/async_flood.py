@@ -6,8 +6,10 @@
 Runs a private devtools stack (RabbitMQ, Redis with maxmemory, one worker, waitress). Measures
 synchronous p99 (wrk, 4 connections, one patient per request) idle, then again while a second
 wrk floods async requests; reports the ratio, the async requests accepted (202) and refused
-(503: the bounded async queue is full), and the peak Redis used_memory, RabbitMQ memory and
-async queue depth sampled during the flood.
+(429: every async admission slot taken; 503: the bounded async queue is full), and the peak
+Redis used_memory, RabbitMQ memory and async queue depth sampled during the flood. The stack
+is modelserve as deployed: worker and web started as their units start them, with the defaults
+of app/config.py (async admission MODELSERVE_ASYNC_INFLIGHT, the niced async worker).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from devtools import services as svc  # noqa: E402
 
 
 def wrk_async(url: str, connections: int, duration: int, body: str) -> dict:
-    """Flood `?async=true`: requests, accepted (2xx) and refused (non-2xx, i.e. 503)."""
+    """Flood `?async=true`: requests, accepted (2xx) and refused (non-2xx: 429 when every
+    async slot is taken, 503 when the async queue is full)."""
     import re
 
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
@@ -92,10 +95,11 @@ def main() -> int:
     parser.add_argument("--flood-conns", type=int, default=32)
     parser.add_argument("--flood-rows", type=int, default=10, help="rows per async request")
     parser.add_argument("--sync-conns", type=int, default=4)
-    parser.add_argument("--async-worker", choices=["shared", "separate"], default="shared",
-                        help="shared: one worker serves both queues (the default deployment); "
-                        "separate: MODELSERVE_WORKER_QUEUES split, async on a worker of its own "
-                        "(1 process, nice 10)")
+    parser.add_argument("--async-worker", choices=["deployed", "separate"], default="deployed",
+                        help="deployed: one `python -m app.worker` as the unit starts it (the "
+                        "sync queue, and the async queue in its child worker: 1 process, "
+                        "MODELSERVE_ASYNC_NICE); separate: two workers started apart with "
+                        "MODELSERVE_WORKER_QUEUES=sync / async (1 process, nice 10)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/async_flood.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra MODELSERVE_* settings for the stack")
@@ -112,7 +116,7 @@ def main() -> int:
     try:
         port = svc.free_port()
         url = f"http://127.0.0.1:{port}"
-        if args.async_worker == "shared":
+        if args.async_worker == "deployed":
             procs.append(svc.start_worker(env, base / "worker.log"))
         else:
             procs.append(svc.start_worker({**env, "MODELSERVE_WORKER_QUEUES": "sync"},
@@ -163,7 +167,7 @@ def print_table(r: dict) -> None:
     print(f"\nsync p99 under flood / idle: {r['sync_p99_ratio']:.2f} (goal < 3; async worker: "
           f"{r['async_worker']})")
     print(f"async flood ({r['flood_conns']} conns, {r['flood_rows']} rows each): {a['requests']} "
-          f"requests, {a['accepted']} accepted (202), {a['refused']} refused (503), "
+          f"requests, {a['accepted']} accepted (202), {a['refused']} refused (429/503), "
           f"{a['socket_errors']} socket errors")
     mp, mi = r["memory_peak"], r["memory_idle"]
     print(f"Redis used_memory: idle {mi['redis_used_memory'] / 2**20:.1f} MiB, peak "
