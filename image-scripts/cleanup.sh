@@ -32,6 +32,10 @@ rm -f /etc/rabbitmq/rabbitmq.conf
 if command -v cloud-init >/dev/null; then
   cloud-init clean --logs >/dev/null
 fi
+# Nor the build server's config drive (Nova's NoCloud seed on the OpenStack harness's LXD host)
+# or login key (Packer's temporary keypair): each instance gets its own at first boot.
+rm -rf /var/lib/cloud/seed/nocloud
+rm -f /root/.ssh/authorized_keys /home/*/.ssh/authorized_keys
 : >/etc/machine-id
 rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed
 find /var/log -type f \( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \) -delete

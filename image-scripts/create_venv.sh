@@ -38,7 +38,8 @@ elif [[ "$have" == "$target" ]]; then
   log::info "no wheelhouse: installing requirements.lock from the index (--require-hashes)"
   PIP_CERT=/etc/ssl/certs/ca-certificates.crt retry 3 "$venv/bin/pip" install "${pip_opts[@]}" "${locked[@]}"
 else
-  # OpenStack's Ubuntu image: another Python than the lock's, so no locked hashes to check.
+  # A base with another Python than the lock's (e.g. Ubuntu 24.04 set through an env's pkrvars;
+  # the OpenStack default is Debian 12, like LXD): no locked hashes to check.
   log::info "WARNING: python3 is $have, requirements.lock is for Python $target: installing" \
     "requirements.txt + constraints.txt from the index WITHOUT hash checking"
   PIP_CERT=/etc/ssl/certs/ca-certificates.crt retry 3 "$venv/bin/pip" install "${pip_opts[@]}" \

@@ -13,8 +13,8 @@ TEST_TIERS += tests/image
 local-cloud: ## LXD daemon, storage pool, msbr0 NAT bridge, Debian 12 base image (idempotent)
 	localcloud/lxd/up.sh
 
-image: ## bake modelserve-$(RELEASE) from git archive of HEAD (CLOUD=lxd|openstack, RELEASE=..., IMAGE_ENV=dev, ALLOW_DIRTY=1)
-	python3 packer/bake.py --cloud $(CLOUD) --release $(RELEASE) --env $(IMAGE_ENV) $(if $(ALLOW_DIRTY),--allow-dirty)
+image: $(if $(filter openstack,$(CLOUD)),venv) ## bake modelserve-$(RELEASE) from git archive of HEAD (CLOUD=lxd|openstack, RELEASE=..., IMAGE_ENV=dev, ALLOW_DIRTY=1)
+	$(if $(filter openstack,$(CLOUD)),$(PY),python3) packer/bake.py --cloud $(CLOUD) --release $(RELEASE) --env $(IMAGE_ENV) $(if $(ALLOW_DIRTY),--allow-dirty)
 
 lock: ## regenerate requirements.lock (hashes of the image's wheels) after changing requirements.txt/constraints.txt
 	python3 tools/lock_requirements.py

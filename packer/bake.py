@@ -8,7 +8,10 @@ minute:
            while that key is unchanged.
   release  the app, the model bundle, units, hardening and clean-up on top of the deps image.
            Alias modelserve-<release>, with the provenance properties the rollout tool reads.
-OpenStack bakes everything in one go from the cloud's Ubuntu image (layer "full").
+OpenStack (Packer's openstack source: a build server through Nova, SSH with Packer's temporary
+keypair, a snapshot into Glance) layers the same way: a Glance image modelserve-deps-<key>
+(baked from the Debian 12 base, os_source_image_name of the env's pkrvars) is reused while its
+key is unchanged, and the release layer is baked from it.
 
 Stdlib only (runs before any venv exists); drives the packer binary through subprocess.
 Progress goes to stderr; with --json the result is printed on stdout.
@@ -455,15 +458,16 @@ def image_fingerprint(alias: str) -> str | None:
     return None
 
 
-def deps_key(scripts_dir: Path, salt: str = "") -> str:
-    """Hash of everything the deps layer is made of, base image included."""
+def deps_key(scripts_dir: Path, salt: str = "", base: str | None = None) -> str:
+    """Hash of everything the deps layer is made of, base image included (``base``: its
+    identity; default the local cloud's LXD base image fingerprint)."""
     h = hashlib.sha256(salt.encode())
     h.update(requirements_key().encode())
     for name in DEPS_SCRIPTS:
         h.update(name.encode() + (scripts_dir / name).read_bytes())
     for hcl in sorted(PACKER_DIR.glob("*.pkr.hcl")):
         h.update(hcl.name.encode() + hcl.read_bytes())
-    h.update((image_fingerprint(BASE_ALIAS) or "no-base").encode())
+    h.update((base if base is not None else image_fingerprint(BASE_ALIAS) or "no-base").encode())
     h.update(security_week().encode())  # a week later: baked again, with that week's updates
     return h.hexdigest()[:16]
 
@@ -618,6 +622,9 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
         result["deps_seconds"] = round(time.monotonic() - t0, 1)
     result["deps_image"] = deps_alias
     result["deps_fingerprint"] = deps_fp
+    if args.deps_only:
+        result.update(image=deps_alias, fingerprint=deps_fp, size_bytes=image_size(deps_fp))
+        return result
 
     t0 = time.monotonic()
     log(f"baking release layer {image} on {deps_alias}")
@@ -645,20 +652,117 @@ def image_size(fingerprint: str) -> int | None:
     return json.loads(proc.stdout).get("size") if proc.returncode == 0 else None
 
 
-def bake_openstack(args, release: str, prov: dict[str, str], work: Path) -> dict:
-    """One full bake from the cloud's Ubuntu image; credentials from OS_CLOUD or OS_*."""
+def pkrvar(var_file: Path, name: str, default: str) -> str:
+    """A string variable of an env's pkrvars file (``name = "value"``), else ``default``."""
+    match = re.search(rf'^\s*{name}\s*=\s*"([^"]*)"', var_file.read_text(), re.M)
+    return match.group(1) if match else default
+
+
+def openstack_connect():
+    """An openstacksdk connection from OS_CLOUD (clouds.yaml) or the OS_* variables."""
     if not (os.environ.get("OS_CLOUD") or os.environ.get("OS_AUTH_URL")):
         raise BakeError("CLOUD=openstack needs OS_CLOUD (clouds.yaml) or OS_AUTH_URL and the "
                         "other OS_* variables in the environment")
-    inputs = prepare_inputs(work / "full", extra_ca_pem(args.extra_ca_certs), True,
-                            args.scripts_dir, args.src)
+    try:
+        import openstack  # the project venv's (requirements-rollout.txt); Packer needs none
+        import openstack.exceptions
+    except ImportError:
+        raise BakeError("CLOUD=openstack looks up Glance images with openstacksdk: run "
+                        "`make image CLOUD=openstack` (the project venv) or .venv/bin/python "
+                        "packer/bake.py") from None
+    try:
+        conn = openstack.connect()
+        conn.authorize()
+    except openstack.exceptions.SDKException as exc:
+        raise BakeError(f"OpenStack: {exc}") from None
+    return conn
+
+
+def glance_image(conn, name: str, visibility: str | None = None, **props: str):
+    """The newest active Glance image with this name (and visibility, and properties), or None."""
+    query = {"name": name, "status": "active"}
+    if visibility:
+        query["visibility"] = visibility
+    found = [img for img in conn.image.images(**query)
+             if all((img.properties or {}).get(k) == v for k, v in props.items())]
+    return max(found, key=lambda img: img.created_at or "", default=None)
+
+
+def openstack_deps(conn, args, var_file: Path) -> tuple[str, str, object]:
+    """(deps key, deps image name, base image): the key hashes the deps layer's recipe and the
+    Glance base image (id and checksum), so a new base image bakes a new layer."""
+    base_name = pkrvar(var_file, "os_source_image_name", "debian-12")
+    visibility = pkrvar(var_file, "os_source_image_visibility", "public")
+    base = glance_image(conn, base_name, visibility)
+    if base is None:
+        raise BakeError(f"no active {visibility} Glance image {base_name!r} to bake from "
+                        f"(os_source_image_name in packer/env/{args.env}.pkrvars.hcl)")
+    key = deps_key(args.scripts_dir, args.deps_salt, f"glance:{base.id}:{base.checksum}")
+    return key, f"modelserve-deps-{key}", base
+
+
+def bake_openstack(args, release: str, prov: dict[str, str], work: Path) -> dict:
+    """Deps layer (a Glance image, reused when unchanged) then the release layer, each a real
+    Packer openstack build: a server booted through Nova, provisioned over SSH, snapshotted
+    into Glance. Credentials from OS_CLOUD or OS_*."""
+    conn = openstack_connect()
     var_file = PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl"
+    image = f"modelserve-{release}"
+    if not args.deps_only and glance_image(conn, image) is not None:
+        raise BakeError(f"Glance image {image} already exists: images are immutable; choose "
+                        "another RELEASE")
+    key, deps_name, base = openstack_deps(conn, args, var_file)
+    extra_ca = extra_ca_pem(args.extra_ca_certs)
+    common = {"release": release, **prov, "env_name": args.env}
+    result = {"cloud": "openstack", "image": image, "release": release, **prov,
+              "base_image": base.name, "deps_image": deps_name}
     t0 = time.monotonic()
+    deps = None if args.rebuild_deps else glance_image(conn, deps_name,
+                                                        modelserve_deps_key=key)
+    if deps is not None:
+        log(f"deps layer {deps_name} unchanged: reused (Glance image {deps.id})")
+        result["deps_reused"] = True
+    else:
+        log(f"baking deps layer {deps_name} (OS packages + venv) from {base.name} through Nova")
+        inputs = prepare_inputs(work / "deps", extra_ca, False, args.scripts_dir)
+        packer_build("openstack.modelserve", {
+            **common, "layer": "deps", "deps_key": key, "release": f"deps-{key[:12]}",
+            "lxd_output_image": deps_name, "inputs_tarball": str(inputs)},
+            var_file, work / "manifest-deps.json")
+        deps = glance_image(conn, deps_name, modelserve_deps_key=key)
+        if deps is None:
+            raise BakeError(f"Packer reported success but Glance has no active {deps_name}")
+        result["deps_reused"] = False
+    result["deps_seconds"] = round(time.monotonic() - t0, 1)
+    result["deps_image_id"] = deps.id
+    if args.deps_only:
+        result.update(image=deps_name, fingerprint=deps.id)
+        return result
+
+    t0 = time.monotonic()
+    log(f"baking release layer {image} on {deps_name} through Nova")
+    inputs = prepare_inputs(work / "release", extra_ca, True, args.scripts_dir, args.src)
     image_id = packer_build("openstack.modelserve", {
-        "release": release, **prov, "env_name": args.env, "layer": "full",
-        "inputs_tarball": str(inputs)}, var_file, PACKER_DIR / "manifest.json")
-    return {"cloud": "openstack", "image": f"modelserve-{release}", "release": release, **prov,
-            "fingerprint": image_id, "release_seconds": round(time.monotonic() - t0, 1)}
+        **common, "layer": "release", "os_source_image_name": deps_name,
+        "os_source_image_visibility": deps.visibility, "inputs_tarball": str(inputs)},
+        var_file, PACKER_DIR / "manifest.json")
+    result["release_seconds"] = round(time.monotonic() - t0, 1)
+    result["fingerprint"] = result["image_id"] = image_id
+    result["size_bytes"] = conn.image.get_image(image_id).size
+    return result
+
+
+def print_deps_key(args) -> dict:
+    """What the deps layer of this bake would be (no bake): key, image name, base."""
+    var_file = PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl"
+    if args.cloud == "openstack":
+        key, name, base = openstack_deps(openstack_connect(), args, var_file)
+        return {"cloud": "openstack", "deps_key": key, "deps_image": name,
+                "base_image": base.name, "base_image_id": base.id}
+    use_lxd_project(ensure=False)
+    key = deps_key(args.scripts_dir, args.deps_salt)
+    return {"cloud": "lxd", "deps_key": key, "deps_image": f"modelserve-deps-{key}",
+            "base_image": BASE_ALIAS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -679,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="bake the working tree as it is (uncommitted changes, a private "
                              "--scripts-dir); the image is marked modelserve_dirty=true")
+    parser.add_argument("--deps-only", action="store_true",
+                        help="bake (or reuse) the deps layer only; the result names it")
+    parser.add_argument("--print-deps-key", action="store_true",
+                        help="print the deps layer's key and image name as JSON; bake nothing")
     parser.add_argument("--skip-local-cloud", action="store_true",
                         help="do not run localcloud/lxd/up.sh first")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -702,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
                 + f", app {prov['app_version']}, model {prov['model_sha256'][:12]} (accuracy "
                 f"{prov['model_accuracy']}, floor {prov['accuracy_floor']}), OS updates of "
                 f"{prov['security_week']}")
+            if args.print_deps_key:
+                print(json.dumps(print_deps_key(args), indent=1))
+                return 0
             if shutil.which("packer") is None:
                 raise BakeError("packer is not installed (apt-get install packer, or make "
                                 "local-cloud)")
@@ -718,7 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     size = result.get("size_bytes")
     log(f"bake time {result['total_seconds']:.0f} s"
         + (f" (deps {'reused' if result.get('deps_reused') else 'baked'} in "
-           f"{result['deps_seconds']:.0f} s, release layer {result['release_seconds']:.0f} s)"
+           f"{result['deps_seconds']:.0f} s"
+           + (f", release layer {result['release_seconds']:.0f} s)"
+              if "release_seconds" in result else ")")
            if "deps_seconds" in result else "")
         + (f", image {size / 2**20:.0f} MiB" if size else ""))
     print(f"image {result['image']} fingerprint {result['fingerprint']}", file=sys.stderr)

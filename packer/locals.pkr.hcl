@@ -19,12 +19,12 @@ locals {
   lxd_properties = var.layer == "deps" ? {
     modelserve_deps_key      = var.deps_key
     modelserve_security_week = var.security_week
-    os                       = "debian"
-    release                  = "bookworm"
+    os                       = var.image_os
+    release                  = var.image_os_release
     description              = "modelserve dependencies layer ${var.deps_key} (OS packages + venv)"
     } : merge(local.provenance, {
-      os          = "debian"
-      release     = "bookworm"
+      os          = var.image_os
+      release     = var.image_os_release
       description = "modelserve ${var.release} (git ${var.git_sha}, model ${substr(var.model_sha256, 0, 12)})"
   })
   env_vars = [

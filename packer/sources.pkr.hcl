@@ -10,7 +10,7 @@ source "lxd" "modelserve" {
 }
 
 source "openstack" "modelserve" {
-  image_name = "modelserve-${var.release}"
+  image_name = local.image_name
   source_image_filter {
     filters {
       name       = var.os_source_image_name
@@ -18,13 +18,18 @@ source "openstack" "modelserve" {
     }
     most_recent = true
   }
-  flavor                  = var.os_flavor
-  networks                = var.os_networks
-  floating_ip_network     = var.os_floating_ip_network
-  security_groups         = var.os_security_groups
-  ssh_username            = var.os_ssh_username
-  image_visibility        = var.os_image_visibility
-  metadata                = merge(local.provenance, { os = "ubuntu", description = "modelserve ${var.release} (git ${var.git_sha})" })
-  image_tags              = ["modelserve", "release-${var.release}"]
+  flavor              = var.os_flavor
+  networks            = var.os_networks
+  floating_ip_network = var.os_floating_ip_network
+  security_groups     = var.os_security_groups
+  # Packer's temporary keypair goes in through Nova (cloud-init puts it in the default user's
+  # authorized_keys); the build server is reached on its floating IP, or on its fixed IP
+  # when os_floating_ip_network is empty.
+  ssh_username     = var.os_ssh_username
+  ssh_timeout      = var.os_ssh_timeout
+  image_visibility = var.os_image_visibility
+  # the same properties as the LXD image: provenance (release layer) or the deps key (deps)
+  metadata                = local.lxd_properties
+  image_tags              = var.layer == "deps" ? ["modelserve", "deps-${var.deps_key}"] : ["modelserve", "release-${var.release}"]
   use_blockstorage_volume = false
 }

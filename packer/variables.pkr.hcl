@@ -119,6 +119,18 @@ variable "manifest_path" {
   default     = "manifest.json"
 }
 
+variable "image_os" {
+  type        = string
+  description = "Distribution of the base image, recorded in the image properties (os)."
+  default     = "debian"
+}
+
+variable "image_os_release" {
+  type        = string
+  description = "Release of the base image's distribution, recorded in the image properties (release)."
+  default     = "bookworm"
+}
+
 variable "keep_ssh" {
   type        = bool
   description = "Keep sshd enabled in the final image (off: immutable instances are not logged into)."
@@ -135,7 +147,7 @@ variable "lxd_source_image" {
 
 variable "lxd_output_image" {
   type        = string
-  description = "Alias of the published LXD image; empty means modelserve-<release>."
+  description = "Name of the output image (LXD alias; on OpenStack the Glance image name); empty means modelserve-<release>."
   default     = ""
 }
 
@@ -149,8 +161,8 @@ variable "lxd_profile" {
 
 variable "os_source_image_name" {
   type        = string
-  description = "Name of the Ubuntu 22.04/24.04 base image in Glance (the newest one with this name)."
-  default     = "ubuntu-24.04"
+  description = "Glance image the bake boots (the newest one with this name): a Debian 12 cloud image (deps/full layer; Python 3.11.2, so the venv installs requirements.lock with --require-hashes), or the deps image modelserve-deps-<key> (release layer; bake.py sets it)."
+  default     = "debian-12"
 }
 
 variable "os_source_image_visibility" {
@@ -189,8 +201,14 @@ variable "os_security_groups" {
 
 variable "os_ssh_username" {
   type        = string
-  description = "Login user of the base image."
-  default     = "ubuntu"
+  description = "Login user of the base image (cloud-init's default user; Debian cloud images: debian, Ubuntu: ubuntu). Packer logs in with its temporary keypair."
+  default     = "debian"
+}
+
+variable "os_ssh_timeout" {
+  type        = string
+  description = "How long Packer waits for SSH on the build server (boot + cloud-init)."
+  default     = "10m"
 }
 
 variable "os_image_visibility" {

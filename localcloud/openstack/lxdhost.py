@@ -16,7 +16,6 @@ image it boots (as an LXD unified tarball for Glance), and removing all of it ag
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from localcloud.openstack import config
+from localcloud.openstack.plugins.modelserve_os_plugins import lxdcli
 
 log = logging.getLogger("openstack-harness")
 
@@ -57,28 +57,24 @@ rm -rf /var/lib/cloud/seed/nocloud /var/lib/cloud/seed/nocloud-net/*
 """
 
 
-class LxdHostError(RuntimeError):
+class LxdHostError(lxdcli.LxdError):
     """The LXD host cannot be set up; the message says why."""
 
 
 def lxc(*args, check=True, timeout=900, input=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LXD_CONF=str(conf_dir()))
-    proc = subprocess.run(["lxc", *args], capture_output=True, text=True, timeout=timeout,
-                          input=input, env=env, check=False)
-    if check and proc.returncode:
-        raise LxdHostError(f"lxc {' '.join(args[:5])}: {(proc.stderr or proc.stdout).strip()}")
-    return proc
+    """`lxc ARGS` with the harness's private lxc config (lxdcli.run)."""
+    return lxdcli.run(*args, check=check, timeout=timeout, input=input, env=_env(),
+                      error=LxdHostError)
 
 
 def query(path, method="GET", data=None, check=True, wait=False):
-    args = ["query", "-X", method] + (["--wait"] if wait else [])
-    if data is not None:
-        args += ["-d", json.dumps(data)]
-    proc = lxc(*args, path, check=check)
-    if proc.returncode:
-        return None
-    out = proc.stdout.strip()
-    return json.loads(out) if out else {}
+    """`lxc query` with the harness's private lxc config (lxdcli.query)."""
+    return lxdcli.query(path, method, data, wait=wait, check=check, timeout=900, env=_env(),
+                        error=LxdHostError)
+
+
+def _env() -> dict:
+    return dict(os.environ, LXD_CONF=str(conf_dir()))
 
 
 def conf_dir() -> Path:
@@ -100,7 +96,7 @@ def usable() -> str | None:
 
 
 def _p(path: str) -> str:
-    return f"{path}{'&' if '?' in path else '?'}project={config.LXD_PROJECT}"
+    return lxdcli.p(path, config.LXD_PROJECT)
 
 
 def ensure_project_and_bridge() -> None:
@@ -152,7 +148,18 @@ def base_key() -> tuple[str, str]:
 def base_tarball() -> Path:
     """The Glance base image (LXD unified tarball), built once per key."""
     key, fp = base_key()
-    out = config.Layout().cache / f"openstack-base-{key}.tar.zst"
+    return derived_tarball(fp, "default", key, "openstack-base",
+                           "modelserve OpenStack base: Debian 12, cloud-init, openssh-server")
+
+
+def derived_tarball(fp: str, source_project: str, key: str, prefix: str,
+                    description: str) -> Path:
+    """An LXD image of ``source_project`` (fingerprint ``fp``) + RECIPE (openssh-server,
+    cloud-init networking from Nova), exported as a unified tarball for Glance; cached as
+    ``<cache>/<prefix>-<key>.tar.zst``. The Glance base image is the local-cloud base made so;
+    the OpenStack tier seeds its deps image from the LXD image tier's deps layer the same way
+    (tests/openstack/test_lxd_release.py)."""
+    out = config.Layout().cache / f"{prefix}-{key}.tar.zst"
     if out.exists():
         return out
     proj = ["--project", config.LXD_PROJECT]
@@ -160,10 +167,19 @@ def base_tarball() -> Path:
     alias = f"osbase-{key}"
     lxc("delete", "--force", name, *proj, check=False)
     lxc("image", "delete", alias, *proj, check=False)
-    log.info("building the OpenStack base image %s from %s", key, config.LXD_BASE_ALIAS)
-    if query(_p(f"/1.0/images/{fp}"), check=False) is None:
-        lxc("image", "copy", fp, "local:", "--project", "default", "--target-project",
-            config.LXD_PROJECT, "--mode", "relay")
+    log.info("building %s-%s from %s (project %s)", prefix, key, fp[:12], source_project)
+    copied = query(_p(f"/1.0/images/{fp}"), check=False) is None
+    if copied:
+        # LXD 5.0.2: a relay copy reads the source in the *remote's* project (--project is
+        # not honoured for the source), so copy through a conf whose remote is in it
+        src_conf = conf_dir() / f"project-{source_project}"
+        src_conf.mkdir(exist_ok=True)
+        (src_conf / "config.yml").write_text(
+            "default-remote: local\nremotes:\n  local:\n    addr: unix://\n    public: false\n"
+            f"    project: {source_project}\naliases: {{}}\n")
+        lxdcli.run("image", "copy", fp, "local:", "--target-project", config.LXD_PROJECT,
+                   "--mode", "relay", timeout=1800, error=LxdHostError,
+                   env=dict(os.environ, LXD_CONF=str(src_conf)))
     try:
         lxc("init", fp, name, *proj)
         lxc("config", "device", "add", name, "eth0", "nic", f"network={config.LXD_BRIDGE}",
@@ -171,12 +187,11 @@ def base_tarball() -> Path:
         lxc("start", name, *proj)
         lxc("exec", name, *proj, "--", "bash", "-c", RECIPE, timeout=900)
         lxc("stop", name, *proj, timeout=300)
-        lxc("publish", name, "--alias", alias, *proj,
-            "description=modelserve OpenStack base: Debian 12, cloud-init, openssh-server",
-            f"modelserve_base_key={key}", timeout=900)
+        lxc("publish", name, "--alias", alias, *proj, f"description={description}",
+            f"modelserve_base_key={key}", timeout=1800)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            lxc("image", "export", alias, f"{tmp}/image", *proj, timeout=900)
+            lxc("image", "export", alias, f"{tmp}/image", *proj, timeout=1800)
             made = list(Path(tmp).iterdir())
             if len(made) != 1:
                 raise LxdHostError(f"lxc image export gave {[p.name for p in made]}, "
@@ -185,7 +200,8 @@ def base_tarball() -> Path:
     finally:
         lxc("delete", "--force", name, *proj, check=False)
         lxc("image", "delete", alias, *proj, check=False)
-        lxc("image", "delete", fp, *proj, check=False)
+        if copied:
+            lxc("image", "delete", fp, *proj, check=False)
     return out
 
 

@@ -256,3 +256,43 @@ def upload_base_image(admin, tarball: Path):
             container_format="bare", visibility="public", wait=True,
             os_distro="debian", os_version="12", hypervisor_type="lxc",
             modelserve_base_key=key)
+
+
+DEPS_SEED_PREFIX = "openstack-deps-seed"
+
+
+def seed_deps_image(conn, lxd_deps: dict, os_deps: dict, source_project: str):
+    """The OpenStack deps layer (Glance ``os_deps["deps_image"]``, property
+    ``modelserve_deps_key`` = ``os_deps["deps_key"]``, what ``packer/bake.py --cloud openstack``
+    looks for) made from the LXD image tier's deps layer instead of a Packer bake through Nova
+    (which would install TensorFlow from the index: too slow for the tier). Same deps scripts
+    on the same Debian base, then the Glance base's recipe (openssh-server, cloud-init
+    networking from Nova: ``lxdhost.RECIPE``); marked ``modelserve_deps_seeded_from``. Reused
+    while present; the tarball is cached per (LXD deps layer, recipe). ``conn``: the project's
+    connection (the image is private to it). Returns the Glance image."""
+    from localcloud.openstack import lxdhost
+
+    found = [img for img in conn.image.images(name=os_deps["deps_image"], status="active")
+             if (img.properties or {}).get("modelserve_deps_key") == os_deps["deps_key"]]
+    if found:
+        return found[0]
+    for old in conn.image.images(owner=conn.current_project_id):
+        if (old.properties or {}).get("modelserve_deps_seeded_from"):
+            conn.image.delete_image(old.id, ignore_missing=True)  # superseded seeds
+    fp = lxd_deps["deps_fingerprint"]
+    key = hashlib.sha256((fp + lxdhost.RECIPE).encode()).hexdigest()[:16]
+    for old in config.Layout().cache.glob(f"{DEPS_SEED_PREFIX}-*.tar.zst"):
+        if key not in old.name:
+            old.unlink(missing_ok=True)  # superseded: one deps seed of ~450 MB is enough
+    tarball = lxdhost.derived_tarball(
+        fp, source_project, key, DEPS_SEED_PREFIX,
+        f"modelserve deps layer {os_deps['deps_key']} (seeded from LXD {lxd_deps['deps_image']})")
+    with open(tarball, "rb") as fh:
+        return conn.image.create_image(
+            name=os_deps["deps_image"], data=fh, disk_format=config.LXD_DISK_FORMAT,
+            container_format="bare", visibility="private", wait=True,
+            os_distro="debian", os_version="12", hypervisor_type="lxc", os="debian",
+            release="bookworm", modelserve_deps_key=os_deps["deps_key"],
+            modelserve_deps_seeded_from=f"lxd {lxd_deps['deps_image']} ({fp[:12]})",
+            description=f"modelserve dependencies layer {os_deps['deps_key']} (OS packages + "
+                        "venv), seeded from the LXD image tier's deps layer")

@@ -8,7 +8,6 @@ worker role, image hygiene, and that a failing provisioner leaves nothing behind
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.image import hygiene
 from tests.image.imgenv import ROOT, bake, project, seed, sh, test_release_id
 
 pytestmark = pytest.mark.image
@@ -195,12 +195,6 @@ def test_worker_role_serves_a_front(baked, launch):
     assert body["predictions"][0]["probability"] == pytest.approx(sample["probability"], abs=1e-5)
 
 
-# a real PEM private key: the header, optional RFC 1421 headers, then base64 lines (code that
-# merely mentions the header, like cloud-init's cc_ssh.py, does not match)
-PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\r?\n"
-                         rb"(?:[A-Za-z-]+: [^\n]*\n)*\r?\n?(?:[A-Za-z0-9+/=]{40,}\r?\n){2,}")
-
-
 def test_image_hygiene(baked, local_cloud, request):
     """Scan the image's files (a created, never started container) for what must not ship."""
     import importlib.util
@@ -219,50 +213,7 @@ def test_image_hygiene(baked, local_cloud, request):
     rootfs = Path(f"{lxd_dir}/storage-pools/{pool_name}/containers/{volume}/rootfs")
     assert (rootfs / "opt/modelserve/RELEASE.json").is_file()
 
-    ca_lines = [c.split("\n")[2].encode() for c in re.findall(
-        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-        bake_mod.extra_ca_pem("auto"), re.S)]
-    # files byte-identical to what a Debian package shipped are the distribution's, not ours
-    # (libgnutls embeds a self-test key); everything else must hold no private key
-    shipped: dict[str, str] = {}
-    for md5sums in (rootfs / "var/lib/dpkg/info").glob("*.md5sums"):
-        for line in md5sums.read_text(errors="replace").splitlines():
-            digest, _, rel = line.partition("  ")
-            shipped["/" + rel] = digest
-    found: list[str] = []
-    for path in rootfs.rglob("*"):
-        rel = "/" + str(path.relative_to(rootfs))
-        if path.is_symlink() or not path.is_file():
-            continue
-        if path.name in (".bash_history", ".python_history", ".viminfo", ".lesshst"):
-            found.append(f"shell history {rel}")
-        if path.stat().st_size > 4 << 20 or rel.startswith("/usr/share/"):
-            continue
-        data = path.read_bytes()
-        if PRIVATE_KEY.search(data) and hashlib.md5(data).hexdigest() != shipped.get(rel):
-            found.append(f"private key {rel}")
-        if any(line in data for line in ca_lines):
-            found.append(f"build CA certificate {rel}")
-    for rel in ("etc/modelserve/instance.env", "etc/rabbitmq/rabbitmq.conf",
-                "var/lib/rabbitmq/.erlang.cookie", "var/lib/rabbitmq/mnesia"):
-        if (rootfs / rel).exists():
-            found.append(f"instance secret or state /{rel}")
-    if "requirepass" in (rootfs / "etc/redis/modelserve.conf").read_text():
-        found.append("a Redis password in /etc/redis/modelserve.conf")
-    for line in (rootfs / "etc/shadow").read_text().splitlines():
-        user, pw = line.split(":")[:2]
-        if pw.startswith("$") or pw == "":
-            found.append(f"a password (or an empty one) for {user} in /etc/shadow")
-    lists = [p.name for p in (rootfs / "var/lib/apt/lists").iterdir()
-             if p.name not in ("lock", "partial", "auxfiles")]
-    if lists:
-        found.append(f"apt lists {lists[:3]}")
-    if list((rootfs / "etc/ssh").glob("ssh_host_*")) if (rootfs / "etc/ssh").exists() else []:
-        found.append("SSH host keys")
-    if (rootfs / "etc/machine-id").read_text().strip():
-        found.append("a machine-id")
-    if list((rootfs / "usr/local/share/ca-certificates").glob("modelserve-build-*")):
-        found.append("build CA files in /usr/local/share/ca-certificates")
+    found = hygiene.scan(rootfs, bake_mod.extra_ca_pem("auto"))
     assert not found, "\n".join(found)
 
 

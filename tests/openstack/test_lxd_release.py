@@ -1,9 +1,17 @@
-"""The real modelserve image, booted through Nova on the LXD host: baked by packer/bake.py (LXD
-builder, into a private LXD project), exported as an LXD unified tarball, uploaded to Glance
-with its ``modelserve_*`` properties, then deployed by `python -m rollout deploy --cloud
-openstack` into project ``modelserve-lxd``. cloud-init runs rollout's NoCloud seed from Nova's
-user_data; the health gate, the prediction check and /version go through the image's own
-services and the floating IP (an LXD network forward)."""
+"""The real modelserve image, baked through Nova and deployed through Nova: `packer/bake.py
+--cloud openstack` runs Packer's openstack source against the harness (a build server booted
+from the deps image in Glance on the LXD compute host, Packer's temporary keypair, SSH to its
+fixed IP on the harness's bridge, the image-scripts, a snapshot into Glance with the
+``modelserve_*`` properties), then `python -m rollout deploy --cloud openstack` boots that image
+in project ``modelserve-lxd`` (cloud-init runs rollout's NoCloud seed from Nova's user_data; the
+health gate, the prediction check and /version go through the image's services and the
+floating IP, an LXD network forward), and `rollout rollback` goes back.
+
+What is not baked through Nova here: the deps layer (OS packages + the TensorFlow venv). It is
+seeded into Glance from the LXD image tier's deps layer (seed.seed_deps_image: same scripts,
+same Debian base, plus the Glance base's openssh/cloud-init recipe) under the key bake.py
+computes, so bake.py reuses it and only the release layer goes through Packer: a TensorFlow
+install from the index inside the tier would take far longer than the whole tier."""
 
 from __future__ import annotations
 
@@ -12,19 +20,20 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from localcloud.openstack import config, seed
+from tests.image import hygiene
 from tests.openstack.osenv import ROOT, fip_of, live_release, ok, purge_env, rollout
 from tests.openstack.test_lxd_host import containers, drop_cached_image, forwards
 
 pytestmark = pytest.mark.openstack
 
 BAKE_PROJECT = config.LXD_PROJECT + "-bake"
+META = json.loads((ROOT / "app/bundle/metadata.json").read_text())
 
 
 def _lxc(*args, timeout=900):
@@ -35,6 +44,15 @@ def _lxc(*args, timeout=900):
     return proc.stdout
 
 
+def bake(env, *args, timeout=3000) -> dict:
+    """`packer/bake.py ARGS --json --env ci --allow-dirty` -> its JSON result."""
+    proc = subprocess.run([sys.executable, str(ROOT / "packer/bake.py"), *args, "--json",
+                           "--env", "ci", "--allow-dirty"], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, f"bake.py {args} failed:\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout)
+
+
 @pytest.fixture(scope="module")
 def lxd_conn(harness):
     if not harness.lxd:
@@ -43,48 +61,48 @@ def lxd_conn(harness):
 
 
 @pytest.fixture(scope="module")
-def lxd_release(lxd_conn):
-    """(release, Glance image id): one real bake of the tree, in Glance as disk_format lxd.
-    Baked in the suite's LXD project (tests/lxd_guard.py), where the image tier's
-    dependencies layer is reused; the release image is deleted afterwards."""
-    release = f"osl-{time.strftime('%m%d%H%M', time.gmtime())}-{secrets.token_hex(2)}"
+def bake_env(lxd_conn, os_env):
+    """bake.py's environment: the LXD project of the suite (never the default one) and the
+    harness's LXD project on OpenStack."""
     project = os.environ.get("MODELSERVE_LXD_PROJECT") or BAKE_PROJECT
     assert project != "default", "the suite never bakes into the default project"
-    env = dict(os.environ, MODELSERVE_LXD_PROJECT=project)
+    env = dict(os_env, OS_CLOUD=config.CLOUD + "-lxd", MODELSERVE_LXD_PROJECT=project)
     env.pop("LXD_CONF", None)
-    image_id = fingerprint = None
-    try:
-        t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, str(ROOT / "packer/bake.py"), "--release",
-                               release, "--json", "--env", "ci", "--allow-dirty"],
-                              capture_output=True, text=True, timeout=3000, env=env)
-        assert proc.returncode == 0, f"bake failed:\n{proc.stderr[-5000:]}"
-        baked = time.monotonic() - t0
-        fingerprint = json.loads(proc.stdout)["fingerprint"]
-        props = json.loads(_lxc("query", f"/1.0/images/{fingerprint}?project={project}"))[
-            "properties"]
-        props = {k: v for k, v in props.items() if k.startswith("modelserve_")}
-        with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-            _lxc("image", "export", fingerprint, f"{tmp}/image", "--project", project)
-            (tarball,) = Path(tmp).iterdir()
-            t1 = time.monotonic()
-            with open(tarball, "rb") as fh:
-                image = lxd_conn.image.create_image(
-                    name=f"modelserve-{release}", data=fh, disk_format="lxd",
-                    container_format="bare", visibility="private", wait=True, **props)
-            image_id = image.id
-        print(f"bake {baked:.0f} s, Glance upload {time.monotonic() - t1:.0f} s")
-        yield release, image_id
-    finally:
-        if image_id:
-            lxd_conn.image.delete_image(image_id, ignore_missing=True)
-            drop_cached_image(image_id)
-        if fingerprint:
-            _lxc("image", "delete", fingerprint, "--project", project)
-        if project == BAKE_PROJECT:
-            from localcloud.openstack import lxdhost
+    yield env
+    if project == BAKE_PROJECT:
+        from localcloud.openstack import lxdhost
 
-            lxdhost.remove_project(BAKE_PROJECT)
+        lxdhost.remove_project(BAKE_PROJECT)
+
+
+@pytest.fixture(scope="module")
+def os_deps(lxd_conn, bake_env):
+    """The OpenStack deps layer in Glance, seeded from the LXD deps layer (see above); kept
+    afterwards like the LXD tier's deps layers (a cache keyed by what it is made of)."""
+    lxd = bake(bake_env, "--cloud", "lxd", "--deps-only")
+    want = bake(bake_env, "--cloud", "openstack", "--print-deps-key")
+    image = seed.seed_deps_image(lxd_conn, lxd, want, bake_env["MODELSERVE_LXD_PROJECT"])
+    return {**want, "image_id": image.id}
+
+
+@pytest.fixture(scope="module")
+def os_releases(lxd_conn, bake_env, os_deps):
+    """Two releases baked by `packer/bake.py --cloud openstack` (release layer through Packer's
+    openstack source); their Glance images are deleted afterwards."""
+    made = []
+    try:
+        for letter in "ab":
+            release = f"osp-{time.strftime('%m%d%H%M', time.gmtime())}-{secrets.token_hex(2)}"
+            t0 = time.monotonic()
+            res = bake(bake_env, "--cloud", "openstack", "--release", release)
+            made.append(res)
+            print(f"openstack bake {letter} (release layer through Nova) "
+                  f"{time.monotonic() - t0:.0f} s")
+        yield made
+    finally:
+        for res in made:
+            lxd_conn.image.delete_image(res["image_id"], ignore_missing=True)
+            drop_cached_image(res["image_id"])
 
 
 @pytest.fixture
@@ -98,18 +116,47 @@ def lxd_env(lxd_conn, harness, os_env):
     purge_env(lxd_conn, name)
 
 
-def test_rollout_deploys_the_baked_image_onto_lxd_containers(lxd_conn, admin, lxd_release,
-                                                             lxd_env):
-    release, image_id = lxd_release
+def test_the_openstack_bake_went_through_nova_into_glance(lxd_conn, admin, os_deps,
+                                                          os_releases):
+    res = os_releases[0]
+    assert res["cloud"] == "openstack" and res["deps_reused"] is True
+    assert res["deps_image"] == os_deps["deps_image"]
+    img = lxd_conn.image.get_image(res["image_id"])
+    props = img.properties or {}
+    assert img.name == f"modelserve-{res['release']}" and img.status == "active"
+    assert (img.disk_format, img.container_format) == ("lxd", "bare")  # the driver's snapshot
+    assert img.visibility == "private" and f"release-{res['release']}" in img.tags
+    assert props["modelserve_release"] == res["release"]
+    assert props["modelserve_provenance"] == "release"
+    assert props["modelserve_model_sha256"] == META["sha256"]
+    assert props["modelserve_accuracy_floor"] == f"{META['accuracy_floor']:g}"
+    # git archive of HEAD, or the working tree when it has changes (--allow-dirty)
+    assert (props["modelserve_git_sha"], props["modelserve_dirty"]) == (res["git_sha"],
+                                                                         res["dirty"])
+    assert (props["os"], props["release"]) == ("debian", "bookworm")
+    # a Nova snapshot of a server booted from the deps image (which was Packer's source)
+    assert props["base_image_ref"] == os_deps["image_id"]
+    # Packer cleaned up after itself: no build server, no temporary keypair
+    assert not [s for s in admin.compute.servers(details=True, all_projects=True)
+                if s.name.startswith("packer_") and s.status != "DELETED"]
+    assert not [k for k in lxd_conn.compute.keypairs() if k.name.startswith("packer_")]
+
+
+def test_rollout_deploys_and_rolls_back_the_packer_baked_images(lxd_conn, admin, os_releases,
+                                                                lxd_env):
+    a, b = (r["release"] for r in os_releases)
     env_name, env = lxd_env
-    t0 = time.monotonic()
-    res = json.loads(ok(rollout(env, "deploy", "--release", release, "--json",
-                                env_name=env_name, timeout=1200)).stdout)
-    print(f"deploy (first boot of the image, import included) {time.monotonic() - t0:.0f} s")
-    assert res["release"] == release
-    servers = [s for s in lxd_conn.compute.servers(details=True) if s.status != "DELETED"
-               and s.metadata.get("modelserve_env") == env_name]
-    assert len(servers) == 1 and servers[0].image.id == image_id
+    for release, image_id in ((a, os_releases[0]["image_id"]), (b, os_releases[1]["image_id"])):
+        t0 = time.monotonic()
+        res = json.loads(ok(rollout(env, "deploy", "--release", release, "--json",
+                                    env_name=env_name, timeout=1200)).stdout)
+        print(f"deploy {release} (gate, prediction check, switch) {time.monotonic() - t0:.0f} s")
+        assert res["release"] == release
+        assert live_release(lxd_conn, env_name) == release
+        servers = [s for s in lxd_conn.compute.servers(details=True) if s.status != "DELETED"
+                   and s.metadata.get("modelserve_env") == env_name
+                   and s.image.id == image_id]
+        assert servers, f"no server of {release} booted from Glance image {image_id}"
     name = admin.compute.get_server(servers[0].id).instance_name
     assert containers()[name]["status"] == "Running"
     # the image's own first boot ran from Nova's user_data
@@ -118,4 +165,44 @@ def test_rollout_deploys_the_baked_image_onto_lxd_containers(lxd_conn, admin, lx
     assert "status: done" in out and "seed=/var/lib/cloud/seed/nocloud" in out
     fip = fip_of(lxd_conn, env_name)
     assert fip.floating_ip_address in forwards()
-    assert live_release(lxd_conn, env_name) == release
+
+    t0 = time.monotonic()
+    ok(rollout(env, "rollback", env_name=env_name, timeout=1200))
+    print(f"rollback to {a} {time.monotonic() - t0:.0f} s")
+    assert live_release(lxd_conn, env_name) == a
+
+
+def test_the_packer_baked_image_passes_the_hygiene_scan(lxd_conn, os_releases, request):
+    """The image's files as Nova's LXD host imported them from Glance for the deploy above
+    (else downloaded and imported here; a container created, never started): no private key,
+    build CA, login key, config drive, machine-id, ..."""
+    import importlib.util
+
+    from localcloud.openstack import lxdhost
+
+    spec = importlib.util.spec_from_file_location("bake", ROOT / "packer" / "bake.py")
+    bake_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bake_mod)
+    image_id = os_releases[0]["image_id"]
+    name = f"osscan-{image_id[:8]}"
+    proj = ["--project", config.LXD_PROJECT]
+    if lxdhost.query(lxdhost._p(f"/1.0/images/aliases/glance-{image_id}"), check=False) is None:
+        path = Path(f"/var/tmp/osscan-{image_id}")
+        with open(path, "wb") as fh:
+            for chunk in lxd_conn.image.download_image(image_id, stream=True).iter_content(
+                    1 << 20):
+                fh.write(chunk)
+        try:
+            _lxc("image", "import", str(path), "--alias", f"glance-{image_id}", *proj)
+        finally:
+            path.unlink()
+    _lxc("init", f"glance-{image_id}", name, *proj)
+    request.addfinalizer(lambda: subprocess.run(["lxc", "delete", "--force", name, *proj],
+                                                capture_output=True))
+    rootfs = Path(f"/var/lib/lxd/storage-pools/{config.LXD_POOL}/containers/"
+                  f"{config.LXD_PROJECT}_{name}/rootfs")
+    assert (rootfs / "opt/modelserve/RELEASE.json").is_file()
+    release = json.loads((rootfs / "opt/modelserve/RELEASE.json").read_text())
+    assert release["release"] == os_releases[0]["release"]
+    found = hygiene.scan(rootfs, bake_mod.extra_ca_pem("auto"))
+    assert not found, "\n".join(found)

@@ -22,16 +22,24 @@ def bridge():
     return os.environ.get("MODELSERVE_OS_LXD_BRIDGE", "msosbr0")
 
 
+def run(*args, check=True, timeout=600, input=None, env=None, error=LxdError):
+    """Run `lxc ARGS` (``env``: the whole environment, e.g. another LXD_CONF); returns the
+    CompletedProcess (raises ``error`` when check and it fails)."""
+    proc = subprocess.run(["lxc", *args], capture_output=True, text=True, timeout=timeout,
+                          input=input, env=env, check=False)
+    if check and proc.returncode:
+        raise error(f"lxc {' '.join(args[:5])}: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
 def lxc(*args, check=True, timeout=600, input=None):
     """Run `lxc ARGS`; returns stdout (raises LxdError when check and it fails)."""
-    proc = subprocess.run(["lxc", *args], capture_output=True, text=True, timeout=timeout,
-                          input=input, check=False)
-    if check and proc.returncode:
-        raise LxdError(f"lxc {' '.join(args[:5])}: {(proc.stderr or proc.stdout).strip()}")
+    proc = run(*args, check=check, timeout=timeout, input=input)
     return proc.stdout if proc.returncode == 0 else None
 
 
-def query(path, method="GET", data=None, wait=False, check=True, timeout=600):
+def query(path, method="GET", data=None, wait=False, check=True, timeout=600, env=None,
+          error=LxdError):
     """`lxc query` (raw REST; `path` carries ?project=): parsed JSON, or None when it failed
     and not check (e.g. 404)."""
     args = ["query", "-X", method]
@@ -39,10 +47,10 @@ def query(path, method="GET", data=None, wait=False, check=True, timeout=600):
         args.append("--wait")
     if data is not None:
         args += ["-d", json.dumps(data)]
-    out = lxc(*args, path, check=check, timeout=timeout)
-    if out is None:
+    proc = run(*args, path, check=check, timeout=timeout, env=env, error=error)
+    if proc.returncode:
         return None
-    out = out.strip()
+    out = proc.stdout.strip()
     return json.loads(out) if out else {}
 
 
