@@ -51,6 +51,14 @@ def rollout(env: dict, *args: str) -> dict:
     return json.loads(res.stdout)
 
 
+def remove_env(conn, env_name: str) -> None:
+    """Delete the bench env's servers and floating IPs (by rollout's env tag)."""
+    for s in conn.compute.servers(tags=f"modelserve-env-{env_name}"):
+        conn.compute.delete_server(s.id)
+    for ip in conn.network.ips(tags=f"modelserve-env-{env_name}"):
+        conn.network.delete_ip(ip.id)
+
+
 def timed(fn, *args):
     t0 = time.monotonic()
     out = fn(*args)
@@ -139,10 +147,7 @@ def main() -> int:
         rows.append((f"rollout roll forward (median of {args.rounds})",
                      statistics.median(fwds), ""))
     finally:
-        for s in conn.compute.servers(tags=f"modelserve-env-{env_name}"):
-            conn.compute.delete_server(s.id)
-        for ip in conn.network.ips(tags=f"modelserve-env-{env_name}"):
-            conn.network.delete_ip(ip.id)
+        remove_env(conn, env_name)
         for img in images:
             conn.image.delete_image(img.id, ignore_missing=True)
 
@@ -273,10 +278,7 @@ def lxd_host(h, base_env: dict, rows: list, switches: int) -> dict:
                      statistics.median(backs),
                      f"probe {failed} failed / {total} over {switches} switches"))
     finally:
-        for s in conn.compute.servers(tags=f"modelserve-env-{env_name}"):
-            conn.compute.delete_server(s.id)
-        for ip in conn.network.ips(tags=f"modelserve-env-{env_name}"):
-            conn.network.delete_ip(ip.id)
+        remove_env(conn, env_name)
         for m in made:
             conn.image.delete_image(m["image_id"], ignore_missing=True)
             lxdhost.lxc("image", "delete", f"glance-{m['image_id']}", "--project",
