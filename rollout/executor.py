@@ -511,7 +511,7 @@ class Executor:
         # Workers whose addresses are fixed need nothing of the running front (its address is
         # fixed too): create them now, so they boot beside it and their addresses are held by
         # the cloud from this moment, not only in this process's memory until their own step.
-        early = [w for w in workers if w in self.addresses and step.name in self.addresses]
+        early = workers if step.name in self.addresses else []  # picked for all, or none
         for name in early:
             self._create(name, step.release, self._seed(
                 "worker", step.release, step.colour, broker_host=self.addresses[step.name],
