@@ -52,34 +52,39 @@ def wrk_async(url: str, connections: int, duration: int, body: str) -> dict:
 
 
 class Sampler(threading.Thread):
-    """Peak Redis used_memory, RabbitMQ memory and async queue depth, once a second."""
+    """Peak Redis used_memory, RabbitMQ memory and async queue depth, once a second.
 
-    def __init__(self, broker: svc.RabbitMQ, redis: svc.Redis):
+    Cheap on purpose: the broker's RSS from /proc and the queue depth from a passive declare
+    on one AMQP connection. (`rabbitmqctl` starts an Erlang VM each call, about half a core
+    for a second: sampling with it loaded the machine during the flood alone and skewed the
+    ratio against the flood.)"""
+
+    def __init__(self, broker: svc.RabbitMQ, redis: svc.Redis, broker_url: str):
         super().__init__(daemon=True)
         import redis as redis_py
+        from kombu import Connection
 
         self.broker, self.r = broker, redis_py.Redis(port=redis.port, password=redis.password)
+        self.amqp = Connection(broker_url)
+        self.beam = _beam_pid(broker.node)
         self.stop = threading.Event()
         self.peak = {"redis_used_memory": 0, "rabbitmq_memory": 0, "async_queue_depth": 0}
 
     def sample(self) -> dict:
+        from app.celery_app import ASYNC_QUEUE
+
         now = {"redis_used_memory": int(self.r.info("memory")["used_memory"])}
         try:
-            status = json.loads(self.broker.rabbitmqctl("status", "--formatter", "json"))
-            mem = status.get("memory", {})
-            total = mem.get("total", {})
-            now["rabbitmq_memory"] = int(total.get("rss") or total.get("allocated")
-                                         or total.get("erlang") or 0)
-        except (svc.ServiceError, ValueError, AttributeError):
+            for line in Path(f"/proc/{self.beam}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    now["rabbitmq_memory"] = int(line.split()[1]) * 1024
+        except (OSError, TypeError):
             pass
         try:
-            out = self.broker.rabbitmqctl("list_queues", "-p", "modelserve", "name", "messages",
-                                          "--formatter", "json")
-            for q in json.loads(out):
-                if q["name"].startswith("modelserve.async"):
-                    now["async_queue_depth"] = int(q["messages"])
-        except (svc.ServiceError, ValueError, KeyError):
-            pass
+            ok = self.amqp.default_channel.queue_declare(ASYNC_QUEUE, passive=True)
+            now["async_queue_depth"] = int(ok.message_count)
+        except Exception:  # noqa: BLE001 -- a sample missed, not a failed bench
+            self.amqp = self.amqp.clone()
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)
         return now
@@ -87,6 +92,22 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(1.0):
             self.sample()
+
+
+def _beam_pid(node: str) -> int | None:
+    """The pid of the Erlang VM running `node` (RabbitMQ's memory is its RSS); the node name
+    is in its environment (RABBITMQ_NODENAME), not on its command line."""
+    want = f"RABBITMQ_NODENAME={node}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if not cmd[0].endswith(b"beam.smp"):
+                continue
+            if want in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+        except OSError:
+            continue
+    return None
 
 
 def main() -> int:
@@ -126,7 +147,7 @@ def main() -> int:
         procs.append(svc.start_web(env, base / "web.log", port))
         wait_ready(url)
         wrk(url, 4, 2, sync_body)  # warm-up
-        sampler = Sampler(broker, redis)
+        sampler = Sampler(broker, redis, env["MODELSERVE_BROKER_URL"])
         results["idle"] = wrk(url, args.sync_conns, args.duration, sync_body)
         results["memory_idle"] = sampler.sample()
         print(f"bench: idle sync p99 {results['idle']['p99_ms']:.2f} ms", file=sys.stderr)
