@@ -122,6 +122,7 @@ class Config:
     async_queue_max: int = 1000
     async_expires: float = 600.0
     async_inflight: int = 2
+    async_busy_share: float = 0.1
     async_nice: int = 10
     dispatch_threads: int = 2
     batch_rows: int = 512
@@ -190,6 +191,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         async_expires=_float(src, "MODELSERVE_ASYNC_EXPIRES", 600.0, 1.0, 86_400.0),
         # async requests being accepted at once (a few web threads); beyond → 429 at once
         async_inflight=_int(src, "MODELSERVE_ASYNC_INFLIGHT", 2, 1, 256),
+        # while synchronous requests are in progress, async ones get one thread and at most
+        # this share of its time (app.serve.Lanes; 1: no pacing)
+        async_busy_share=_float(src, "MODELSERVE_ASYNC_BUSY_SHARE", 0.1, 0.01, 1.0),
         # the async worker's niceness (app.worker.AsyncWorker; 0: as the sync worker)
         async_nice=_int(src, "MODELSERVE_ASYNC_NICE", 10, 0, 19),
         dispatch_threads=_int(src, "MODELSERVE_DISPATCH_THREADS", 2, 1, 64),
