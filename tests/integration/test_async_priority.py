@@ -109,3 +109,21 @@ def test_async_beyond_the_admission_limit_is_429_at_once_and_sync_still_200(stac
     finally:
         release.set()
         client.close()
+
+
+def test_an_async_worker_that_dies_is_restarted_and_serves_again(stack):
+    """app.worker.AsyncWorker's watch loop: the async queue's worker killed outright (an OOM
+    kill) comes back, as a new process, and async work accepted meanwhile completes."""
+    (child,) = _async_workers(stack)
+    os.kill(child, signal.SIGKILL)
+    with requests.Session() as s:
+        r = s.post(stack.url + "/api/v1/predictions", params={"async": "true"},
+                   json={"instances": [GOOD]}, timeout=30)
+        assert r.status_code == 202, r.text  # accepted while no worker consumes the queue
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _state(stack, r.json()["status_url"]) != "SUCCESS":
+            time.sleep(0.2)
+        assert _state(stack, r.json()["status_url"]) == "SUCCESS"
+    found = _async_workers(stack)
+    assert len(found) == 1 and found[0] != child, (child, found)
+    assert stack.workers[0].poll() is None  # the sync worker never stopped
