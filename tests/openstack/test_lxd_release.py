@@ -206,3 +206,43 @@ def test_the_packer_baked_image_passes_the_hygiene_scan(lxd_conn, os_releases, r
     assert release["release"] == os_releases[0]["release"]
     found = hygiene.scan(rootfs, bake_mod.extra_ca_pem("auto"))
     assert not found, "\n".join(found)
+
+
+def test_a_snapshot_that_fails_mid_upload_fails_the_bake_and_leaves_nothing(
+        lxd_conn, admin, harness, os_deps, bake_env):
+    """The LXD host's snapshot breaks off half-way through its upload to Glance (the driver's
+    fault switch, a file in its instances_path): Nova deletes the half-made image, Packer
+    fails and deletes its build server and keypair, and bake.py exits non-zero with one line
+    saying so. Nothing is left: no image in Glance, no server, no keypair, no container, no
+    published snapshot on the LXD host."""
+    fault = harness.layout.state / "nova-lxd/instances/fault-snapshot-upload"  # lxd_driver.py
+    release = f"osp-fault-{secrets.token_hex(2)}"
+    before = set(containers())
+    log = harness.procs.logs / "nova-compute-lxd.log"
+    seen = log.stat().st_size if log.exists() else 0
+
+    def lxd_images():
+        out = _lxc("query", f"/1.0/images?recursion=1&project={config.LXD_PROJECT}")
+        return {a["name"] for i in json.loads(out) for a in i.get("aliases") or []}
+
+    fault.parent.mkdir(parents=True, exist_ok=True)
+    fault.touch()
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "packer/bake.py"), "--cloud",
+                               "openstack", "--release", release, "--env", "ci",
+                               "--allow-dirty"], capture_output=True, text=True, timeout=3000,
+                              env=bake_env)
+    finally:
+        fault.unlink()
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("make image: error:") and "packer build" in last, proc.stderr[-3000:]
+    with open(log, "rb") as fh:  # it failed where the fault was, not elsewhere
+        fh.seek(seen)
+        assert b"snapshot upload broken off" in fh.read()
+    assert not list(lxd_conn.image.images(name=f"modelserve-{release}"))
+    assert not [s for s in admin.compute.servers(details=True, all_projects=True)
+                if s.name.startswith("packer_") and s.status != "DELETED"]
+    assert not [k for k in lxd_conn.compute.keypairs() if k.name.startswith("packer_")]
+    assert set(containers()) <= before
+    assert not [a for a in lxd_images() if a.startswith("snap-")]

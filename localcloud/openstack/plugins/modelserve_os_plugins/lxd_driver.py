@@ -42,6 +42,9 @@ LOG = logging.getLogger(__name__)
 CONF = cfg.CONF
 SEED_DIR = "/var/lib/cloud/seed/nocloud"
 DISK_FORMAT = "lxd"
+# the tier's fault switch: while this file exists in instances_path, a snapshot's upload to
+# Glance breaks off half-way (tests/openstack/test_lxd_release.py)
+UPLOAD_FAULT = "fault-snapshot-upload"
 RUNNING, STOPPED = 103, 102
 
 
@@ -319,7 +322,10 @@ class LxdDriver(fake.FakeDriverWithoutFakeNodes):
             meta = {"disk_format": DISK_FORMAT, "container_format": "bare",
                     "properties": {"hypervisor_type": "lxc"}}
             with open(tarball, "rb") as fh:
-                images.IMAGE_API.update(context, image_id, meta, fh, purge_props=False)
+                data = fh
+                if os.path.exists(os.path.join(CONF.instances_path, UPLOAD_FAULT)):
+                    data = _FailingUpload(fh, os.fstat(fh.fileno()).st_size // 2)
+                images.IMAGE_API.update(context, image_id, meta, data, purge_props=False)
         finally:
             self._drop_snapshot(name, image_id, alias)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -350,3 +356,27 @@ class LxdDriver(fake.FakeDriverWithoutFakeNodes):
         res["cpu_info"] = json.dumps({"arch": "x86_64", "topology": {
             "cores": self.vcpus, "threads": 1, "sockets": 1}})
         return res
+
+
+class _FailingUpload:
+    """A file whose read fails (an I/O error, as a lost connection) after `limit` bytes."""
+
+    def __init__(self, fh, limit):
+        self._fh, self._left = fh, limit
+
+    def read(self, size=-1):
+        if self._left <= 0:
+            raise OSError("snapshot upload broken off (fault-snapshot-upload)")
+        chunk = self._fh.read(self._left if size is None or size < 0 else min(size, self._left))
+        self._left -= len(chunk)
+        return chunk
+
+    def __iter__(self):
+        while True:
+            chunk = self.read(65536)
+            if not chunk:
+                return
+            yield chunk
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
