@@ -27,7 +27,7 @@ import pytest
 
 from localcloud.openstack import config, seed
 from tests.image import hygiene
-from tests.openstack.osenv import ROOT, fip_of, live_release, ok, purge_env, rollout
+from tests.openstack.osenv import ROOT, fip_of, live_release, live_servers, ok, purge_env, rollout
 from tests.openstack.test_lxd_host import containers, drop_cached_image, forwards
 
 pytestmark = pytest.mark.openstack
@@ -246,3 +246,67 @@ def test_a_snapshot_that_fails_mid_upload_fails_the_bake_and_leaves_nothing(
     assert not [k for k in lxd_conn.compute.keypairs() if k.name.startswith("packer_")]
     assert set(containers()) <= before
     assert not [a for a in lxd_images() if a.startswith("snap-")]
+
+
+def test_a_server_whose_first_boot_rejects_its_seed_fails_the_gate_and_changes_nothing(
+        lxd_conn, admin, harness, os_releases, lxd_env, tmp_path):
+    """The new server reaches ACTIVE and cloud-init runs, but the image's first boot rejects
+    the seed (the driver's fault switch appends a malformed line to instance.env), so the
+    front never serves: the health gate fails, the deploy undoes its server, and the floating
+    IP still serves the live release."""
+    a, b = (r["release"] for r in os_releases)
+    env_name, env = lxd_env
+    ok(rollout(env, "deploy", "--release", a, env_name=env_name, timeout=1200))
+    before = {s.id for s in live_servers(lxd_conn, env_name)}
+    fip = fip_of(lxd_conn, env_name)
+    fault = harness.layout.state / "nova-lxd/instances/fault-seed"  # lxd_driver.py
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    fault.touch()
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rollout", "deploy", "--cloud", "openstack", "--env",
+             env_name, "--release", b, "--health-timeout", "45", "--no-probe"], cwd=ROOT,
+            env=dict(env, MODELSERVE_ROLLOUT_PAUSE_BEFORE="health_gate",
+                     MODELSERVE_ROLLOUT_HOOK_DIR=str(hooks)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 900
+            while not (hooks / "health_gate.reached").exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the deploy never reached its health gate"
+                time.sleep(0.5)
+        finally:
+            fault.unlink()
+        (new,) = [s for s in live_servers(lxd_conn, env_name) if s.id not in before]
+        assert new.status == "ACTIVE"
+        name = admin.compute.get_server(new.id).instance_name
+        state = ""
+        for _ in range(120):  # first boot runs once cloud-init has written the seed's files
+            state = subprocess.run(
+                ["lxc", "exec", "--project", config.LXD_PROJECT, name, "--", "systemctl",
+                 "is-failed", "modelserve-firstboot.service"], capture_output=True,
+                text=True).stdout.strip()
+            if state == "failed":
+                break
+            time.sleep(1)
+        assert state == "failed", f"modelserve-firstboot on {name}: {state}"
+        journal = _lxc("exec", "--project", config.LXD_PROJECT, name, "--", "journalctl",
+                       "-u", "modelserve-firstboot", "--no-pager")
+        assert "malformed line (expected KEY=VALUE)" in journal
+        (hooks / "health_gate.go").touch()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 5, f"rc={proc.returncode}\n{out}\n{err[-3000:]}"
+    assert "health gate" in err
+    assert live_release(lxd_conn, env_name) == a
+    assert fip_of(lxd_conn, env_name).port_id == fip.port_id
+    for _ in range(120):  # the undo asked Nova to delete the server; Nova finishes it
+        left = {s.id for s in live_servers(lxd_conn, env_name)}
+        if left == before and name not in containers():
+            break
+        time.sleep(1)
+    assert left == before and name not in containers(), (left, before)

@@ -45,6 +45,10 @@ DISK_FORMAT = "lxd"
 # the tier's fault switch: while this file exists in instances_path, a snapshot's upload to
 # Glance breaks off half-way (tests/openstack/test_lxd_release.py)
 UPLOAD_FAULT = "fault-snapshot-upload"
+# ... and while this one exists, a new server's seed carries a line the image's first boot
+# rejects (the server reaches ACTIVE, cloud-init runs, modelserve-firstboot fails)
+SEED_FAULT = "fault-seed"
+INSTANCE_ENV = "/etc/modelserve/instance.env"
 RUNNING, STOPPED = 103, 102
 
 
@@ -59,6 +63,17 @@ def decode_user_data(user_data):
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     return raw.decode("utf-8", "replace")
+
+
+def _seed_the_image_rejects(user_data):
+    """The modelserve seed with a malformed line appended to its instance.env."""
+    if not user_data.startswith("#cloud-config"):
+        return user_data
+    doc = yaml.safe_load(user_data) or {}
+    for item in doc.get("write_files") or []:
+        if item.get("path") == INSTANCE_ENV and not item.get("encoding"):
+            item["content"] = item.get("content", "") + "this line is not KEY=VALUE\n"
+    return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
 def host_resources(share=1.0, pool_path="/var/lib/lxd"):
@@ -204,6 +219,8 @@ class LxdDriver(fake.FakeDriverWithoutFakeNodes):
         alias = self._ensure_image(context, image_meta)
         name = instance.name
         user_data = decode_user_data(instance.user_data)
+        if os.path.exists(os.path.join(CONF.instances_path, SEED_FAULT)):
+            user_data = _seed_the_image_rejects(user_data)
         flavor = instance.flavor
         devices = {"root": {"type": "disk", "path": "/", "pool": self.pool}}
         for n, vif in enumerate(network_info or []):
