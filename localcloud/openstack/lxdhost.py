@@ -156,9 +156,7 @@ def derived_tarball(fp: str, source_project: str, key: str, prefix: str,
                     description: str) -> Path:
     """An LXD image of ``source_project`` (fingerprint ``fp``) + RECIPE (openssh-server,
     cloud-init networking from Nova), exported as a unified tarball for Glance; cached as
-    ``<cache>/<prefix>-<key>.tar.zst``. The Glance base image is the local-cloud base made so;
-    the OpenStack tier seeds its deps image from the LXD image tier's deps layer the same way
-    (tests/openstack/test_lxd_release.py)."""
+    ``<cache>/<prefix>-<key>.tar.zst``. The Glance base image is the local-cloud base made so."""
     out = config.Layout().cache / f"{prefix}-{key}.tar.zst"
     if out.exists():
         return out
