@@ -54,34 +54,28 @@ def wrk_async(url: str, connections: int, duration: int, body: str) -> dict:
 class Sampler(threading.Thread):
     """Peak Redis used_memory, RabbitMQ memory and async queue depth, once a second.
 
-    Cheap on purpose: the broker's RSS from /proc and the queue depth from a passive declare
-    on one AMQP connection. (`rabbitmqctl` starts an Erlang VM each call, about half a core
-    for a second: sampling with it loaded the machine during the flood alone and skewed the
-    ratio against the flood.)"""
+    Cheap on purpose: the broker's RSS from /proc (its processes, as bench/peer_bench.py counts
+    them) and the queue depth from a passive declare on one AMQP connection. (`rabbitmqctl`
+    starts an Erlang VM each call, about half a core for a second: sampling with it loaded the
+    machine during the flood alone and skewed the ratio against the flood.)"""
 
     def __init__(self, broker: svc.RabbitMQ, redis: svc.Redis, broker_url: str):
         super().__init__(daemon=True)
         import redis as redis_py
         from kombu import Connection
 
+        from app.celery_app import ASYNC_QUEUE
+
         self.broker, self.r = broker, redis_py.Redis(port=redis.port, password=redis.password)
-        self.amqp = Connection(broker_url)
-        self.beam = _beam_pid(broker.node)
+        self.amqp, self.queue = Connection(broker_url), ASYNC_QUEUE
         self.stop = threading.Event()
         self.peak = {"redis_used_memory": 0, "rabbitmq_memory": 0, "async_queue_depth": 0}
 
     def sample(self) -> dict:
-        from app.celery_app import ASYNC_QUEUE
-
-        now = {"redis_used_memory": int(self.r.info("memory")["used_memory"])}
+        now = {"redis_used_memory": int(self.r.info("memory")["used_memory"]),
+               "rabbitmq_memory": int(svc.rss_mib([self.broker.proc.pid]) * 2**20)}
         try:
-            for line in Path(f"/proc/{self.beam}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    now["rabbitmq_memory"] = int(line.split()[1]) * 1024
-        except (OSError, TypeError):
-            pass
-        try:
-            ok = self.amqp.default_channel.queue_declare(ASYNC_QUEUE, passive=True)
+            ok = self.amqp.default_channel.queue_declare(self.queue, passive=True)
             now["async_queue_depth"] = int(ok.message_count)
         except Exception:  # noqa: BLE001 -- a sample missed, not a failed bench
             self.amqp = self.amqp.clone()
@@ -92,22 +86,6 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(1.0):
             self.sample()
-
-
-def _beam_pid(node: str) -> int | None:
-    """The pid of the Erlang VM running `node` (RabbitMQ's memory is its RSS); the node name
-    is in its environment (RABBITMQ_NODENAME), not on its command line."""
-    want = f"RABBITMQ_NODENAME={node}".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if not cmd[0].endswith(b"beam.smp"):
-                continue
-            if want in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                return int(pid)
-        except OSError:
-            continue
-    return None
 
 
 def main() -> int:

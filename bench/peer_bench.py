@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -56,30 +55,6 @@ def deployed_worker_concurrency() -> int:
     from rollout.seed import SeedParams
 
     return SeedParams.__dataclass_fields__["worker_concurrency"].default
-
-
-def rss_mib(pids: list[int]) -> float:
-    """Resident memory of these processes and all their descendants."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    total, todo, seen = 0, list(pids), set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        todo += children.get(pid, [])
-        try:
-            m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-            total += int(m.group(1)) if m else 0
-        except OSError:
-            pass
-    return total / 1024
 
 
 def first_prediction(url: str, started: float, timeout: float = 180, proc=None) -> float:
@@ -191,7 +166,7 @@ def main() -> int:
         extra = [broker.proc.pid, redis.proc.pid]
         for name in names:
             pids = [p.pid for p in procs[name]] + (extra if name == report.SUBJECT else [])
-            servers[name].update(rss_mib=round(rss_mib(pids), 1), cold_start_s=round(cold[name], 2))
+            servers[name].update(rss_mib=round(svc.rss_mib(pids), 1), cold_start_s=round(cold[name], 2))
     finally:
         for plist in procs.values():
             for p in plist:

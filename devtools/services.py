@@ -246,3 +246,28 @@ def start_web(env: dict[str, str], log: Path, port: int, host: str = "127.0.0.1"
 def stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
     """SIGTERM a process group, SIGKILL after `timeout`."""
     _stop(proc, timeout)
+
+
+def rss_mib(pids: list[int]) -> float:
+    """Resident memory of these processes and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    total, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += next((int(line.split()[1]) for line in status.splitlines()
+                           if line.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+    return total / 1024
