@@ -7,6 +7,8 @@ import logging
 import re
 import signal
 import sys
+import threading
+import time
 
 from app.limits import Drain, make_error_task
 
@@ -36,9 +38,6 @@ class Lanes:
 
     def __init__(self, dispatcher, bulk_threads: int, busy_share: float = 1.0, clock=None,
                  timer=None):
-        import threading
-        import time
-
         self._dispatcher, self._cv = dispatcher, dispatcher.queue_cv
         self.bulk_threads, self.bulk_active, self.sync_active = bulk_threads, 0, 0
         self.busy_share = busy_share
@@ -71,13 +70,12 @@ class Lanes:
         now = self._clock()
         if now >= self.not_before:
             return True
-        self._wake(self.not_before - now)
+        self._wake(self.not_before, now)
         return False
 
-    def _wake(self, delay: float) -> None:
-        """Notify a waiting thread when the pause ends (synchronous completions notify too,
-        but a long synchronous request must not hold the async lane up)."""
-        at = self._clock() + delay
+    def _wake(self, at: float, now: float) -> None:
+        """Notify a waiting thread when the pause ends at `at` (synchronous completions notify
+        too, but a long synchronous request must not hold the async lane up)."""
         if self._wake_at is not None and self._wake_at <= at:
             return
         self._wake_at = at
@@ -88,7 +86,7 @@ class Lanes:
                     self._wake_at = None
                 self._cv.notify()
 
-        t = self._timer(delay, fire)
+        t = self._timer(at - now, fire)
         t.daemon = True
         t.start()
 
