@@ -14,6 +14,7 @@ layer from it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -27,7 +28,7 @@ import pytest
 from localcloud.openstack import config, seed
 from tests.image import hygiene
 from tests.openstack.osenv import ROOT, fip_of, live_release, live_servers, ok, purge_env, rollout
-from tests.openstack.test_lxd_host import containers, drop_cached_image, forwards
+from tests.openstack.test_lxd_host import containers, drop_cached_image, forwards, in_container
 
 pytestmark = pytest.mark.openstack
 
@@ -224,6 +225,19 @@ def test_the_packer_baked_image_passes_the_hygiene_scan(lxd_conn, os_releases, r
     assert not found, "\n".join(found)
 
 
+@contextlib.contextmanager
+def fault_switch(harness, name):
+    """The LXD host driver's fault switch `name` (lxd_driver.py: a file in its instances_path)
+    on for the block."""
+    path = harness.layout.state / "nova-lxd/instances" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink()
+
+
 def test_a_snapshot_that_fails_mid_upload_fails_the_bake_and_leaves_nothing(
         lxd_conn, admin, harness, os_deps, bake_env):
     """The LXD host's snapshot breaks off half-way through its upload to Glance (the driver's
@@ -231,7 +245,6 @@ def test_a_snapshot_that_fails_mid_upload_fails_the_bake_and_leaves_nothing(
     fails and deletes its build server and keypair, and bake.py exits non-zero with one line
     saying so. Nothing is left: no image in Glance, no server, no keypair, no container, no
     published snapshot on the LXD host."""
-    fault = harness.layout.state / "nova-lxd/instances/fault-snapshot-upload"  # lxd_driver.py
     release = f"osp-fault-{secrets.token_hex(2)}"
     before = set(containers())
     log = harness.procs.logs / "nova-compute-lxd.log"
@@ -241,15 +254,11 @@ def test_a_snapshot_that_fails_mid_upload_fails_the_bake_and_leaves_nothing(
         out = _lxc("query", f"/1.0/images?recursion=1&project={config.LXD_PROJECT}")
         return {a["name"] for i in json.loads(out) for a in i.get("aliases") or []}
 
-    fault.parent.mkdir(parents=True, exist_ok=True)
-    fault.touch()
-    try:
+    with fault_switch(harness, "fault-snapshot-upload"):
         proc = subprocess.run([sys.executable, str(ROOT / "packer/bake.py"), "--cloud",
                                "openstack", "--release", release, "--env", "ci",
                                "--allow-dirty"], capture_output=True, text=True, timeout=3000,
                               env=bake_env)
-    finally:
-        fault.unlink()
     assert proc.returncode != 0, proc.stdout[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("make image: error:") and "packer build" in last, proc.stderr[-3000:]
@@ -275,26 +284,22 @@ def test_a_server_whose_first_boot_rejects_its_seed_fails_the_gate_and_changes_n
     ok(rollout(env, "deploy", "--release", a, env_name=env_name, timeout=1200))
     before = {s.id for s in live_servers(lxd_conn, env_name)}
     fip = fip_of(lxd_conn, env_name)
-    fault = harness.layout.state / "nova-lxd/instances/fault-seed"  # lxd_driver.py
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    fault.touch()
     proc = None
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rollout", "deploy", "--cloud", "openstack", "--env",
-             env_name, "--release", b, "--health-timeout", "45", "--no-probe"], cwd=ROOT,
-            env=dict(env, MODELSERVE_ROLLOUT_PAUSE_BEFORE="health_gate",
-                     MODELSERVE_ROLLOUT_HOOK_DIR=str(hooks)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with fault_switch(harness, "fault-seed"):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "rollout", "deploy", "--cloud", "openstack", "--env",
+                 env_name, "--release", b, "--health-timeout", "45", "--no-probe"], cwd=ROOT,
+                env=dict(env, MODELSERVE_ROLLOUT_PAUSE_BEFORE="health_gate",
+                         MODELSERVE_ROLLOUT_HOOK_DIR=str(hooks)),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             deadline = time.monotonic() + 900
             while not (hooks / "health_gate.reached").exists():
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "the deploy never reached its health gate"
                 time.sleep(0.5)
-        finally:
-            fault.unlink()
         (new,) = [s for s in live_servers(lxd_conn, env_name) if s.id not in before]
         assert new.status == "ACTIVE"
         name = admin.compute.get_server(new.id).instance_name
@@ -308,8 +313,7 @@ def test_a_server_whose_first_boot_rejects_its_seed_fails_the_gate_and_changes_n
                 break
             time.sleep(1)
         assert state == "failed", f"modelserve-firstboot on {name}: {state}"
-        journal = _lxc("exec", "--project", config.LXD_PROJECT, name, "--", "journalctl",
-                       "-u", "modelserve-firstboot", "--no-pager")
+        journal = in_container(name, "journalctl", "-u", "modelserve-firstboot", "--no-pager")
         assert "malformed line (expected KEY=VALUE)" in journal
         (hooks / "health_gate.go").touch()
         out, err = proc.communicate(timeout=600)

@@ -65,6 +65,11 @@ def decode_user_data(user_data):
     return raw.decode("utf-8", "replace")
 
 
+def _fault(name):
+    """Whether the tier's fault switch `name` is on (a file in instances_path)."""
+    return os.path.exists(os.path.join(CONF.instances_path, name))
+
+
 def _seed_the_image_rejects(user_data):
     """The modelserve seed with a malformed line appended to its instance.env."""
     if not user_data.startswith("#cloud-config"):
@@ -219,7 +224,7 @@ class LxdDriver(fake.FakeDriverWithoutFakeNodes):
         alias = self._ensure_image(context, image_meta)
         name = instance.name
         user_data = decode_user_data(instance.user_data)
-        if os.path.exists(os.path.join(CONF.instances_path, SEED_FAULT)):
+        if _fault(SEED_FAULT):
             user_data = _seed_the_image_rejects(user_data)
         flavor = instance.flavor
         devices = {"root": {"type": "disk", "path": "/", "pool": self.pool}}
@@ -340,7 +345,7 @@ class LxdDriver(fake.FakeDriverWithoutFakeNodes):
                     "properties": {"hypervisor_type": "lxc"}}
             with open(tarball, "rb") as fh:
                 data = fh
-                if os.path.exists(os.path.join(CONF.instances_path, UPLOAD_FAULT)):
+                if _fault(UPLOAD_FAULT):
                     data = _FailingUpload(fh, os.fstat(fh.fileno()).st_size // 2)
                 images.IMAGE_API.update(context, image_id, meta, data, purge_props=False)
         finally:
