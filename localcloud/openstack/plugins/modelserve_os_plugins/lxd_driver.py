@@ -22,6 +22,7 @@
 import base64
 import binascii
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -180,8 +181,15 @@ class LxdDriver(fake.FakeDriverWithoutFakeNodes):
             path = os.path.join(cache, image_id)
             images.fetch(context, image_id, path)
             try:
-                lxdcli.lxc("image", "import", path, "--alias", alias,
-                           "--project", lxdcli.project(), timeout=1800)
+                # a unified tarball's LXD fingerprint is its sha256: the same bytes under a
+                # second Glance id (re-uploaded, copied) get an alias, not a refused import
+                fingerprint = _sha256(path)
+                if lxdcli.query(lxdcli.p(f"/1.0/images/{fingerprint}"), check=False):
+                    lxdcli.lxc("image", "alias", "create", alias, fingerprint,
+                               "--project", lxdcli.project())
+                else:
+                    lxdcli.lxc("image", "import", path, "--alias", alias,
+                               "--project", lxdcli.project(), timeout=1800)
             finally:
                 os.unlink(path)
             LOG.info("imported Glance image %s into LXD as %s", image_id, alias)
@@ -378,6 +386,14 @@ class LxdDriver(fake.FakeDriverWithoutFakeNodes):
         res["cpu_info"] = json.dumps({"arch": "x86_64", "topology": {
             "cores": self.vcpus, "threads": 1, "sockets": 1}})
         return res
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _FailingUpload:
