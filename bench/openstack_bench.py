@@ -4,12 +4,13 @@ Measures, in one run and on the same machine:
   * bring-up: `up` from everything stopped (state dir kept: the CI-after-SIGKILL case) and,
     with --fresh, from an empty state dir (schemas created anew);
   * baseline: one bare Neutron ``update_ip(port_id=…, if_revision=…)`` (the floor of a switch)
-    and one bare Nova boot of a server until ACTIVE (the floor of a launch);
-  * ``rollout deploy`` of a new release: start -> the floating IP serves it;
+    and one bare Nova boot of a stand-in server until ACTIVE (the floor of a launch);
+  * ``rollout deploy`` of a new stand-in release (tests/openstack/standins.py: the Glance base
+    + a stdlib app, booted by Nova as an LXD container): start -> the floating IP serves it;
   * ``rollout rollback`` and a forward re-deploy, with the probe's failed requests;
-  * on the LXD compute host (the real image, servers = LXD containers booted by Nova): the
-    real Packer openstack bake through Nova (``bake_s``: the RELEASE layer; the deps layer is
-    seeded into Glance from the LXD deps layer, as in the tier), ``rollout deploy`` of it
+  * the real image on the same LXD compute host: the real Packer openstack bake through Nova
+    (``bake_s``: the RELEASE layer; the deps layer is baked through Nova too and reused while
+    its key is unchanged, as in the tier), ``rollout deploy`` of it
     (``deploy_s``), and 10 switches (rollback / roll forward; ``rollback_s`` median,
     ``probe_failed`` summed), beside the LXD release-layer bake of the same commit in the same
     run and the latest LXD deploy/rollback figures (bench/deploy_bench.py's file, named).
@@ -72,7 +73,7 @@ def main() -> int:
     parser.add_argument("--switches", type=int, default=10,
                         help="switches (rollback + forward) of the real image on the LXD host")
     parser.add_argument("--no-lxd-host", action="store_true",
-                        help="skip the real bake/deploy on the LXD compute host")
+                        help="skip the real image's bakes and deploys (stand-ins only)")
     args = parser.parse_args()
     con = Console(stderr=True)
     h = Harness()
@@ -90,30 +91,30 @@ def main() -> int:
     result["bring_up"]["restart"] = steps
     rows.append(("bring-up with state kept (after a stop/SIGKILL)", secs, ""))
 
-    conn = seed.connect(h)
-    env = dict(os.environ, OS_CLIENT_CONFIG_FILE=str(h.layout.clouds_yaml),
-               OS_CLOUD=config.CLOUD, PYTHONPATH=str(ROOT))
+    from tests.openstack import standins
+
+    conn = seed.connect(h, project=config.LXD_PROJECT_OS)
+    env = dict(os.environ, **seed.rollout_env(h), PYTHONPATH=str(ROOT),
+               MODELSERVE_ANALYSIS_WINDOW="0")
     meta = json.loads((ROOT / "app/bundle/metadata.json").read_text())
     tag = secrets.token_hex(3)
     rels, images = [f"b{tag}-a", f"b{tag}-b"], []
     for n, rel in enumerate(rels):
-        images.append(seed.upload_image(conn, rel, rel.encode(), {
-            "modelserve_model_sha256": meta["sha256"],
+        images.append(standins.upload(conn, rel, rel[-1], {
             "modelserve_model_accuracy": str(meta["metrics"]["accuracy"]),
             "modelserve_built_at": f"2026-01-0{n + 1}T00:00:00Z",
-            "modelserve_provenance": "release",
             "modelserve_accuracy_floor": str(meta["accuracy_floor"])}))
     env_name = f"bench{tag}"
-    net = conn.network.find_network(seed.NETWORK)
-    flavor = conn.compute.find_flavor(seed.FLAVOR)
-    public = conn.network.find_network(seed.PUBLIC)
+    net = conn.network.find_network(seed.LXD_NETWORK)
+    flavor = conn.compute.find_flavor(seed.FLAVOR_LXD)
+    public = conn.network.find_network(seed.LXD_PUBLIC)
     try:
         # baselines: the bare API operations a deploy is made of
         t0 = time.monotonic()
         bare = conn.compute.create_server(name=f"bench-bare-{tag}", image_id=images[0].id,
                                           flavor_id=flavor.id, networks=[{"uuid": net.id}])
-        bare = conn.compute.wait_for_server(bare, wait=120, interval=0.2)
-        rows.append(("baseline: bare Nova boot until ACTIVE (no app, no gate)",
+        bare = conn.compute.wait_for_server(bare, wait=300, interval=0.2)
+        rows.append(("baseline: bare Nova boot of a stand-in until ACTIVE (no gate)",
                      time.monotonic() - t0, ""))
         port = next(iter(conn.network.ports(device_id=bare.id)))
         ip = conn.network.create_ip(floating_network_id=public.id)
@@ -149,12 +150,9 @@ def main() -> int:
     finally:
         remove_env(conn, env_name)
         for img in images:
-            conn.image.delete_image(img.id, ignore_missing=True)
+            standins.delete(conn, img.id)
 
     if not args.no_lxd_host:
-        if not h.lxd:
-            raise SystemExit("the harness runs no LXD compute host (MODELSERVE_OS_LXD): "
-                             "use --no-lxd-host")
         result.update(lxd_host(h, env, rows, args.switches))
 
     table = Table(title="OpenStack path (real Keystone/Nova/Neutron on loopback)")
@@ -219,9 +217,7 @@ def lxd_host(h, base_env: dict, rows: list, switches: int) -> dict:
     from localcloud.openstack import lxdhost
 
     conn = seed.connect(h, project=config.LXD_PROJECT_OS)
-    env = dict(base_env, OS_CLOUD=config.CLOUD + "-lxd", MODELSERVE_LXD_PROJECT=BENCH_LXD_PROJECT,
-               MODELSERVE_OS_EXTERNAL_NETWORK=seed.LXD_PUBLIC, MODELSERVE_OS_FLAVOR=seed.FLAVOR_LXD,
-               MODELSERVE_ANALYSIS_WINDOW="0")
+    env = dict(base_env, MODELSERVE_LXD_PROJECT=BENCH_LXD_PROJECT)
     env.pop("LXD_CONF", None)
     tag = secrets.token_hex(2)
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],

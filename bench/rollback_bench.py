@@ -17,8 +17,9 @@ LXD (default): the bench works in its own LXD project (``--project``, default
 ``modelserve-bench``; never ``default``), builds the stand-in releases there
 (tests/e2e/standin.py), deploys A then B in a fresh env, times ``--rounds`` rollbacks and
 destroys the env at the end. OpenStack (``--cloud openstack``): OS_CLOUD and
-OS_CLIENT_CONFIG_FILE from the environment, else the local harness's (already up); the bench
-uploads two stand-in release images (deleted at the end) and also times rollbacks with
+OS_CLIENT_CONFIG_FILE from the environment, else the local harness's (already up: its LXD
+host's project); the bench uploads two stand-in release images that boot there
+(tests/openstack/standins.py; deleted at the end) and also times rollbacks with
 ``MODELSERVE_OS_TOKEN_CACHE=0`` (a Keystone login every time).
 ``--compare TREE`` interleaves rollbacks run from another checkout (``git archive HEAD | tar
 -x -C TREE``): before/after in the same run, same env.
@@ -154,32 +155,30 @@ def lxd_setup(args) -> tuple[object, callable]:
 
 def os_setup(args) -> tuple[object, callable]:
     """OS_CLOUD + OS_CLIENT_CONFIG_FILE from the environment, or the local harness's
-    (localcloud/openstack, already up). Release images A and B are uploaded by the bench
-    (stand-in disks with the real bundle's sha256/accuracy, like tests/openstack/conftest.py)
-    unless ``--a``/``--b`` name existing ones; the bench's own images are deleted after."""
+    (localcloud/openstack, already up: the project of its LXD host). Release images A and B
+    are stand-ins uploaded by the bench (tests/openstack/standins.py: they boot as servers
+    there) unless ``--a``/``--b`` name existing ones; the bench's own images are deleted
+    after."""
     import openstack
 
     if not os.environ.get("OS_CLOUD"):
-        from localcloud.openstack import config
+        from localcloud.openstack import seed
         from localcloud.openstack.harness import Harness
 
-        os.environ["OS_CLIENT_CONFIG_FILE"] = str(Harness().layout.clouds_yaml)
-        os.environ["OS_CLOUD"] = config.CLOUD
+        os.environ.update(seed.rollout_env(Harness()))
     conn = openstack.connect(cloud=os.environ["OS_CLOUD"])
     made = []
     if args.a == "standin-a" and args.b == "standin-b":  # the defaults: make our own
-        from localcloud.openstack import seed
+        from tests.openstack import standins
 
         meta = json.loads((ROOT / "app/bundle/metadata.json").read_text())
         tag = secrets.token_hex(3)
         args.a, args.b = f"rb{tag}-a", f"rb{tag}-b"
-        for n, rel in enumerate((args.a, args.b)):
-            img = seed.upload_image(conn, rel, f"stand-in disk of {rel}".encode(), {
-                "modelserve_model_sha256": meta["sha256"],
+        for n, (rel, spec) in enumerate(((args.a, "a"), (args.b, "b"))):
+            img = standins.upload(conn, rel, spec, {
                 "modelserve_model_accuracy": str(meta["metrics"]["accuracy"]),
                 "modelserve_built_at": f"2026-01-0{n + 1}T00:00:00Z",
                 "modelserve_git_sha": "0" * 12, "modelserve_app_version": "bench",
-                "modelserve_provenance": "standin",
                 "modelserve_accuracy_floor": str(meta["accuracy_floor"])})
             made.append(img.id)
 
@@ -187,7 +186,7 @@ def os_setup(args) -> tuple[object, callable]:
         run(PY, "-m", "rollout", "destroy", "--env", env, "--yes", "--cloud", "openstack",
             check=False)
         for image_id in made:
-            conn.image.delete_image(image_id, ignore_missing=True)
+            standins.delete(conn, image_id)
     return conn, destroy
 
 

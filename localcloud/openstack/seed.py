@@ -22,7 +22,7 @@ FLAVOR_HUGE = "m1.toobig"  # more RAM than the hypervisor has (within quota): se
 PUBLIC = "public"
 STANDIN_RELEASE = "standin-0"
 QUOTA_INSTANCES = 40
-HUGE_RAM_MB = 256 * 1024  # the process driver's hypervisor has 32 GiB
+HUGE_RAM_MB = 256 * 1024  # more than the LXD host reports (this machine's RAM, or a share)
 
 
 def _router_and_group(net, name, public, private, subnet):
@@ -97,8 +97,10 @@ def _standin_image() -> bytes:
 
 
 def seed_project(harness) -> dict:
-    """The project a user would have: networks, router, security group, flavors, a keypair,
-    and a Glance image carrying the modelserve release properties. Returns their ids."""
+    """The first project: the user ``modelserve``, networks, router, security group,
+    flavors, a keypair, and a Glance image carrying the modelserve release properties; no
+    compute host takes its servers (the LXD host is reserved to seed_lxd's project), so it
+    serves the harness's checks of Keystone, Neutron and tenant isolation. Returns the ids."""
     admin = connect(harness, admin=True)
     idt = admin.identity
     pw = harness.layout.secrets()
@@ -240,6 +242,15 @@ def seed_lxd(harness, base_tarball: Path) -> dict:
     image = upload_base_image(admin, base_tarball)
     return {"project": project.id, "network": private.id, "subnet": subnet.id,
             "router": router.id, "public": public.id, "aggregate": agg.id, "image": image.id}
+
+
+def rollout_env(harness) -> dict:
+    """What `python -m rollout --cloud openstack` needs to deploy onto the LXD host: the
+    clouds.yaml entry of its project, its external network and flavor."""
+    return {"OS_CLIENT_CONFIG_FILE": str(harness.layout.clouds_yaml),
+            "OS_CLOUD": config.CLOUD + "-lxd",
+            "MODELSERVE_OS_EXTERNAL_NETWORK": LXD_PUBLIC,
+            "MODELSERVE_OS_FLAVOR": FLAVOR_LXD}
 
 
 def upload_base_image(admin, tarball: Path):

@@ -17,9 +17,11 @@ import pytest
 from localcloud.openstack import config, seed
 from localcloud.openstack.harness import Harness, HarnessError
 from rollout.clouds.openstack import OpenStackCloud
-from tests.openstack.osenv import ROOT, purge_env
+from tests.openstack import standins
+from tests.openstack.osenv import ROOT, purge_env, use_cloud_env
 
 pytestmark = pytest.mark.openstack
+
 
 
 @pytest.fixture(scope="session")
@@ -41,21 +43,27 @@ def os_env(harness, tmp_path_factory):
     """Environment for `python -m rollout` and the SDK: clouds.yaml of the harness, and a
     private XDG cache (the CLI's token cache never lands in the user's ~/.cache)."""
     env = dict(os.environ)
-    env.update({"OS_CLIENT_CONFIG_FILE": str(harness.layout.clouds_yaml),
-                "OS_CLOUD": config.CLOUD, "PYTHONPATH": str(ROOT),
-                "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("xdg-cache"))})
+    env.update(seed.rollout_env(harness), PYTHONPATH=str(ROOT),
+               XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg-cache")))
     # no post-switch analysis unless a test asks for it (test_progressive.py): the 30 s
     # default in every deploy would cost minutes, and a short window on a loaded machine
     # judges latency from a handful of probes
     env.setdefault("MODELSERVE_ANALYSIS_WINDOW", "0")
-    for key in ("MODELSERVE_OS_FLAVOR", "MODELSERVE_OS_NETWORK"):
-        env.pop(key, None)
+    env.pop("MODELSERVE_OS_NETWORK", None)
     return env
 
 
 @pytest.fixture(scope="session")
 def conn(harness):
-    """The project's own connection (member role), as an operator has."""
+    """The connection of the project whose servers are LXD containers (member role), as an
+    operator has: the rollout cases deploy there."""
+    return seed.connect(harness, project=config.LXD_PROJECT_OS)
+
+
+@pytest.fixture(scope="session")
+def other_conn(harness):
+    """The first project's connection: a tenant with no compute host (the harness's checks
+    of Keystone, Neutron and tenant isolation)."""
     return seed.connect(harness)
 
 
@@ -72,52 +80,49 @@ def bundle_meta():
 
 @pytest.fixture(scope="session")
 def releases(conn, bundle_meta):
-    """Release images (A oldest, then B, C, …) with the real bundle's sha256 and accuracy.
+    """Stand-in releases (A oldest, then B, C, …): Glance images that boot as real servers
+    on the LXD host (tests/openstack/standins.py), each serving a model sha256 of its own.
 
     Five, not three: the fault matrix deploys a release with no server in its env each time,
     and a case that leaves an extra warm release behind must not exhaust the supply."""
     tag = secrets.token_hex(3)
     made = []
-    for n, letter in enumerate("abcde"):
-        rel = f"t{tag}-{letter}"
-        img = _release_image(conn, bundle_meta, rel, f"2026-01-0{n + 1}T00:00:00Z")
-        made.append((rel, img.id))
-    yield [r for r, _ in made]
-    for _, image_id in made:
-        conn.image.delete_image(image_id, ignore_missing=True)
+    try:
+        for n, letter in enumerate("abcde"):
+            rel = f"t{tag}-{letter}"
+            img = standins.upload(conn, rel, letter,
+                                  _release_props(bundle_meta, f"2026-01-0{n + 1}T00:00:00Z"))
+            made.append((rel, img.id))
+        yield [r for r, _ in made]
+    finally:
+        for _, image_id in made:
+            standins.delete(conn, image_id)
 
 
-def _release_image(conn, bundle_meta, rel, built_at, provenance="release", **extra):
-    """A stand-in disk with the real bundle's sha256 and accuracy as release properties."""
-    return seed.upload_image(conn, rel, f"stand-in disk of {rel}".encode(), {
-        "modelserve_model_sha256": bundle_meta["sha256"],
-        "modelserve_model_accuracy": str(bundle_meta["metrics"]["accuracy"]),
-        "modelserve_built_at": built_at,
-        "modelserve_git_sha": "0" * 12, "modelserve_app_version": "test",
-        "modelserve_provenance": provenance,
-        "modelserve_accuracy_floor": str(bundle_meta["accuracy_floor"]),
-        **extra,
-    })
+def _release_props(bundle_meta, built_at):
+    return {"modelserve_model_accuracy": str(bundle_meta["metrics"]["accuracy"]),
+            "modelserve_built_at": built_at, "modelserve_git_sha": "0" * 12,
+            "modelserve_app_version": "test",
+            "modelserve_accuracy_floor": str(bundle_meta["accuracy_floor"])}
 
 
 @pytest.fixture
 def standin_release(conn, bundle_meta):
-    """Make a stand-in release image with a behaviour (``fail N`` | ``slow N`` | ``flip``;
-    ``modelserve_standin_behaviour``, honoured by the harness's ProcessDriver through
-    localcloud/openstack/behave.py): ``standin_release("fail 8")`` -> its release name.
-    The images are deleted after the test."""
+    """Make a stand-in release whose image misbehaves (``fail N`` | ``slow N`` | ``flip``,
+    baked into it: tests/openstack/standins.py): ``standin_release("fail 8")`` -> its release
+    name. The images are deleted after the test."""
     made = []
 
     def make(behaviour):
         rel = f"t{secrets.token_hex(3)}-{behaviour.split()[0]}"
-        img = _release_image(conn, bundle_meta, rel, "2026-02-01T00:00:00Z", "standin",
-                             modelserve_standin_behaviour=behaviour)
+        img = standins.upload(conn, rel, behaviour,
+                              _release_props(bundle_meta, "2026-02-01T00:00:00Z"))
         made.append(img.id)
         return rel
 
     yield make
     for image_id in made:
-        conn.image.delete_image(image_id, ignore_missing=True)
+        standins.delete(conn, image_id)
 
 
 @pytest.fixture
@@ -131,8 +136,7 @@ def env_name(conn):
 @pytest.fixture
 def cloud(os_env, monkeypatch):
     """The provider, in-process, configured like the CLI would be."""
-    for key in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD", "XDG_CACHE_HOME"):
-        monkeypatch.setenv(key, os_env[key])
+    use_cloud_env(os_env, monkeypatch)
     return OpenStackCloud()
 
 

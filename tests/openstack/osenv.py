@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rollout.clouds.base import preview_env
@@ -12,6 +13,15 @@ from rollout.clouds.openstack import env_tag
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+# what the provider reads from the environment (conftest's os_env sets them all)
+CLOUD_ENV = ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD", "XDG_CACHE_HOME",
+             "MODELSERVE_OS_EXTERNAL_NETWORK", "MODELSERVE_OS_FLAVOR")
+
+
+def use_cloud_env(os_env, monkeypatch):
+    """This process's environment as the CLI's (an in-process provider or CLI run)."""
+    for key in CLOUD_ENV:
+        monkeypatch.setenv(key, os_env[key])
 
 
 def rollout(os_env, *args, env_name, extra_env=None, timeout=600):
@@ -35,6 +45,18 @@ def servers_of(conn, env_name):
 def live_servers(conn, env_name):
     """The env's servers that are not (yet) deleted: Nova lists DELETED ones for a while."""
     return [s for s in servers_of(conn, env_name) if s.status != "DELETED"]
+
+
+def wait_deleted(conn, env_name, server_ids, timeout=120):
+    """The env's live servers once none of ``server_ids`` is among them any more (Nova
+    deletes asynchronously: the LXD host stops and deletes the container first); those still
+    there after ``timeout`` s stay in the answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {s.id for s in live_servers(conn, env_name)}
+        if not left & set(server_ids) or time.monotonic() > deadline:
+            return left
+        time.sleep(1)
 
 
 def purge_env(conn, env_name):

@@ -22,6 +22,7 @@ from tests.openstack.osenv import (
     port_of,
     purge_env,
     rollout,
+    use_cloud_env,
 )
 
 pytestmark = pytest.mark.openstack
@@ -38,7 +39,7 @@ def assert_clean(conn, env_name, keep_ids, timeout=90):
         time.sleep(1)
     assert len(list(conn.network.ips(tags=f"modelserve-env-{env_name}"))) == 1
     # every port of the private network belongs to a live server or the router
-    net = conn.network.find_network(seed.NETWORK)
+    net = conn.network.find_network(seed.LXD_NETWORK)
     all_servers = {s.id for s in conn.compute.servers()}
     for p in conn.network.ports(network_id=net.id):
         if (p.device_owner or "").startswith("compute:"):
@@ -87,8 +88,7 @@ def _still_serving_a(conn, env_name, server_id, a):
 
 def _run_in_process(os_env, monkeypatch, argv, hook):
     """rollout's CLI in this process, with a before_step hook on the real OpenStack cloud."""
-    for key in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD"):
-        monkeypatch.setenv(key, os_env[key])
+    use_cloud_env(os_env, monkeypatch)
     out, err = io.StringIO(), io.StringIO()
 
     def configure(ctx):
@@ -138,8 +138,7 @@ def test_concurrent_floating_ip_change_is_refused(os_env, conn, live_a, monkeypa
             return super().update_floating_ip(fip, target=target, state=state,
                                               if_revision=if_revision)
 
-    for key in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD"):
-        monkeypatch.setenv(key, os_env[key])
+    use_cloud_env(os_env, monkeypatch)
     out, err = io.StringIO(), io.StringIO()
     code = run(["deploy", "--cloud", "openstack", "--env", env_name, "--release", b,
                 "--no-probe"], stdout=out, stderr=err, cloud=RacingCloud())

@@ -18,6 +18,12 @@ import pytest
 from localcloud.openstack import config, seed
 
 pytestmark = pytest.mark.openstack
+
+
+@pytest.fixture
+def conn(other_conn):
+    """Here, the first project (the one the LXD host is not for)."""
+    return other_conn
 SEED = "/var/lib/cloud/seed/nocloud"
 
 
@@ -57,8 +63,6 @@ def banner(address, port=22, timeout=60) -> bytes:
 
 @pytest.fixture(scope="module")
 def lxd_conn(harness):
-    if not harness.lxd:
-        pytest.skip("the harness runs no LXD compute host (MODELSERVE_OS_LXD)")
     return seed.connect(harness, project=config.LXD_PROJECT_OS)
 
 

@@ -14,6 +14,7 @@ layer from it."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from localcloud.openstack import config, seed
+from rollout.seed import parse_user_data
 from tests.image import hygiene
 from tests.openstack.osenv import ROOT, fip_of, live_release, live_servers, ok, purge_env, rollout
 from tests.openstack.test_lxd_host import containers, drop_cached_image, forwards, in_container
@@ -55,8 +57,6 @@ def bake(env, *args, timeout=3000) -> dict:
 
 @pytest.fixture(scope="module")
 def lxd_conn(harness):
-    if not harness.lxd:
-        pytest.skip("the harness runs no LXD compute host (MODELSERVE_OS_LXD)")
     return seed.connect(harness, project=config.LXD_PROJECT_OS)
 
 
@@ -163,10 +163,12 @@ def test_rollout_deploys_and_rolls_back_the_packer_baked_images(lxd_conn, admin,
                                                                 lxd_env):
     a, b = (r["release"] for r in os_releases)
     env_name, env = lxd_env
-    for release, image_id in ((a, os_releases[0]["image_id"]), (b, os_releases[1]["image_id"])):
+    for release, image_id, workers in ((a, os_releases[0]["image_id"], "0"),
+                                       (b, os_releases[1]["image_id"], "1")):
         t0 = time.monotonic()
         res = json.loads(ok(rollout(env, "deploy", "--release", release, "--json",
-                                    env_name=env_name, timeout=1200)).stdout)
+                                    "--workers", workers, env_name=env_name,
+                                    timeout=1200)).stdout)
         print(f"deploy {release} (gate, prediction check, switch) {time.monotonic() - t0:.0f} s")
         assert res["release"] == release
         assert live_release(lxd_conn, env_name) == release
@@ -174,8 +176,18 @@ def test_rollout_deploys_and_rolls_back_the_packer_baked_images(lxd_conn, admin,
                    and s.metadata.get("modelserve_env") == env_name
                    and s.image.id == image_id]
         assert servers, f"no server of {release} booted from Glance image {image_id}"
-    name = admin.compute.get_server(servers[0].id).instance_name
+    front = next(s for s in servers if s.metadata["modelserve_role"] == "front")
+    worker = next(s for s in servers if s.metadata["modelserve_role"] == "worker")
+    name = admin.compute.get_server(front.id).instance_name
     assert containers()[name]["status"] == "Running"
+    # --workers 1: the worker server's Celery consumes the front's RabbitMQ (TLS, the seed's
+    # credentials): two consumers of the prediction queue on the front's vhost
+    seed = parse_user_data(base64.b64decode(
+        admin.compute.get_server(worker.id).user_data).decode())
+    vhost = seed.get("MODELSERVE_BROKER_VHOST") or "modelserve"
+    consumers = in_container(name, "rabbitmqctl", "-q", "list_consumers", "-p", vhost)
+    assert sum(line.startswith("modelserve.predict") for line in consumers.splitlines()) == 2, \
+        consumers
     # the image's own first boot ran from Nova's user_data
     out = _lxc("exec", "--project", config.LXD_PROJECT, name, "--", "cloud-init", "status",
                "--long")

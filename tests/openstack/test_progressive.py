@@ -1,13 +1,13 @@
 """Progressive delivery through the OpenStack tier (issue 11): post-switch analysis with
 automatic rollback, notifications, the model-diff gate, preview / promote / abort.
 
-Misbehaving releases are properties of their *image*, as on LXD: a stand-in image carries
-``modelserve_standin_behaviour`` (``fail N``: every route but /metrics answers 500 N s after
-the front's first prediction, which is the health gate's; ``flip``: every prediction's label
-flips), and the harness's ProcessDriver runs such a front through
-localcloud/openstack/behave.py. The rollout tool is driven only through its CLI; events go
-to a real HTTP receiver (the ``receiver`` fixture of tests/conftest.py). Each case works in
-its own env (``env_name``), so one failing case leaves nothing for the next.
+Misbehaving releases are in their *image*, as on LXD: a stand-in image booted by Nova on the
+LXD host (tests/openstack/standins.py) carries its behaviour as a file (``fail N``: every route
+but /metrics answers 500 N s after the front's first prediction, which is the health gate's;
+``slow N``: 1.5 s late; ``flip``: every prediction's label flips). The rollout tool is driven
+only through its CLI; events go to a real HTTP receiver (the ``receiver`` fixture of
+tests/conftest.py). Each case works in its own env (``env_name``), so one failing case leaves
+nothing for the next.
 """
 
 from __future__ import annotations
@@ -227,63 +227,3 @@ def test_the_diff_gate_refuses_a_release_whose_model_flips_the_labels(
     _servers_settle(conn, env_name, {a})  # no server of the flip release is left
     status = _json(ok(rollout(os_env, "status", "--json", env_name=env_name)))
     assert status["live"] == a and not status.get("lock"), status
-
-
-# -- the harness's behaviour hook itself (localcloud/openstack/behave.py), on the real app ------
-class _Broker:
-    """The app's broker client, answering 0.25 for every row (no broker needed here)."""
-
-    def __init__(self, sha):
-        self.sha = sha
-
-    def predict(self, rows):
-        return [0.25] * len(rows), self.sha
-
-    def queue_depth(self):
-        return 0
-
-
-@pytest.mark.parametrize("spec", ["fail 8", "slow 8", "flip"])
-def test_the_behaviour_hook_on_the_real_app(bundle, spec):
-    from app.config import load_config
-    from app.web import create_app
-    from localcloud.openstack.behave import Behaviour, parse
-
-    cfg = load_config({"MODELSERVE_BROKER_URL": "amqp://u:p@127.0.0.1:1/ms",
-                       "MODELSERVE_RESULT_URL": "redis://:p@127.0.0.1:1/0",
-                       "MODELSERVE_INSTANCE_ENV": "/nonexistent", "MODELSERVE_RELEASE": "r1"})
-    app = create_app(cfg, bundle, client=_Broker(bundle.sha256))
-    now, slept = [100.0], []
-    Behaviour(parse(spec), clock=lambda: now[0], sleep=slept.append).install(app)
-    web = app.test_client()
-    row = dict(bundle.metadata["holdout_sample"][0]["features"])
-
-    def predict():
-        return web.post("/api/v1/predictions", json={"instances": [row]})
-
-    assert web.get("/version").status_code == 200
-    first = predict()
-    assert first.status_code == 200
-    p = first.json["predictions"][0]
-    if spec == "flip":
-        assert p == {"probability": 0.75, "label": 1 - int(0.25 >= bundle.threshold)}
-    else:
-        assert p["probability"] == 0.25
-    now[0] += 7.9  # not yet
-    assert predict().status_code == 200 and slept == []
-    now[0] += 0.2  # 8.1 s after the first prediction
-    answers = [web.get("/version").status_code, predict().status_code,
-               web.get("/readyz").status_code if spec == "fail 8" else 200]
-    metrics = web.get("/metrics")
-    assert metrics.status_code == 200
-    counted = [line for line in metrics.text.splitlines()
-               if line.startswith('modelserve_http_requests_total{method="POST"')]
-    if spec == "fail 8":
-        assert answers == [500, 500, 500]
-        assert any('status="500"' in line and line.endswith(" 1.0") for line in counted), counted
-    elif spec == "slow 8":
-        assert answers == [200, 200, 200] and slept == [1.5, 1.5]
-    else:
-        assert answers == [200, 200, 200] and slept == []
-    with pytest.raises(ValueError):
-        parse(spec + " 3")

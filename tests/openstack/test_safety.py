@@ -206,17 +206,21 @@ def test_plan_with_nothing_live_never_picks_a_bad_newest_image(os_env, conn, rel
                                                                bundle_meta, env_name):
     """I4/I5: with nothing live, the newest image is a stand-in of accuracy 0.10 (skipped:
     not a baked release) and, newer still, a baked release of accuracy 0.10 (refused: below
-    the quality floor, exit 3). Without the latter, the newest baked release is planned."""
+    the quality floor, exit 3). Without the latter, the newest baked release is planned (one
+    made here: the tier's stand-ins are no baked releases; plan boots nothing)."""
     from localcloud.openstack import seed
 
     tag = env_name
     made = []
+    accuracy = str(bundle_meta["metrics"]["accuracy"])
     try:
-        for name, provenance, built in ((f"{tag}-standin", "standin", "2027-01-01"),
-                                        (f"{tag}-worse", "release", "2027-01-02")):
+        for name, provenance, built, acc in (
+                (f"{tag}-good", "release", "2099-01-01", accuracy),
+                (f"{tag}-standin", "standin", "2099-01-02", "0.1"),
+                (f"{tag}-worse", "release", "2099-01-03", "0.1")):
             made.append(seed.upload_image(conn, name, f"disk of {name}".encode(), {
                 "modelserve_model_sha256": bundle_meta["sha256"],
-                "modelserve_model_accuracy": "0.1", "modelserve_provenance": provenance,
+                "modelserve_model_accuracy": acc, "modelserve_provenance": provenance,
                 "modelserve_accuracy_floor": str(bundle_meta["accuracy_floor"]),
                 "modelserve_built_at": f"{built}T00:00:00Z", "modelserve_git_sha": "0" * 12,
             }))
@@ -225,7 +229,7 @@ def test_plan_with_nothing_live_never_picks_a_bad_newest_image(os_env, conn, rel
         assert f"{tag}-worse" in res.stderr and "floor" in res.stderr, res.stderr[-2000:]
         conn.image.delete_image(made.pop().id)
         plan = json.loads(ok(rollout(os_env, "plan", "--json", env_name=env_name)).stdout)
-        assert plan["release"] not in (f"{tag}-standin", f"{tag}-worse"), plan
+        assert plan["release"] == f"{tag}-good", plan
         assert any("newest baked release" in n for n in plan["notes"]), plan["notes"]
     finally:
         for image in made:
