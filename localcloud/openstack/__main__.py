@@ -7,8 +7,12 @@ import json
 import logging
 import sys
 
-from localcloud.openstack import config
+from localcloud.openstack import seed
 from localcloud.openstack.harness import Harness, HarnessError
+
+
+def _exports(harness) -> str:
+    return "export " + " ".join(f"{k}={v}" for k, v in seed.rollout_env(harness).items())
 
 
 def main(argv=None) -> int:
@@ -26,13 +30,14 @@ def main(argv=None) -> int:
             if args.json:
                 print(json.dumps({"timings": timings, "state": str(harness.layout.state),
                                   "clouds_yaml": str(harness.layout.clouds_yaml),
-                                  "cloud": config.CLOUD}))
+                                  "cloud": seed.rollout_env(harness)["OS_CLOUD"],
+                                  "env": seed.rollout_env(harness)}))
             else:
                 print(f"# OpenStack up in {timings['total']:.1f}s; "
                       f"clouds.yaml at {harness.layout.clouds_yaml}:")
                 print(harness.layout.clouds_yaml.read_text())
-                print(f"export OS_CLIENT_CONFIG_FILE={harness.layout.clouds_yaml} "
-                      f"OS_CLOUD={config.CLOUD}")
+                print("# python -m rollout --cloud openstack deploys onto the LXD host with:")
+                print(_exports(harness))
         elif args.command == "down":
             stopped = harness.down()
             print(json.dumps({"stopped": stopped}) if args.json
@@ -48,8 +53,7 @@ def main(argv=None) -> int:
         elif args.command == "clouds-yaml":
             print(harness.write_clouds_yaml(), end="")
         elif args.command == "env":
-            print(f"export OS_CLIENT_CONFIG_FILE={harness.layout.clouds_yaml} "
-                  f"OS_CLOUD={config.CLOUD}")
+            print(_exports(harness))
     except HarnessError as exc:
         print(f"openstack-harness: error: {exc}", file=sys.stderr)
         return 1

@@ -18,11 +18,12 @@ CLOUD = "modelserve-os"
 REGION = "RegionOne"
 HOST = "127.0.0.1"
 
-# Loopback networks: fixed IPs of servers, and floating IPs (see docs/design.md).
+# The first project's loopback networks (fixed, floating): a tenant with no compute host of
+# its own, for the harness's checks of Keystone, Neutron and tenant isolation.
 PRIVATE_CIDR = "127.42.0.0/24"
 PUBLIC_CIDR = "127.43.0.0/24"
 
-# The LXD compute host (lxd_driver.py): a second nova-compute, host LXD_HOST, in aggregate /
+# The compute host (lxd_driver.py): nova-compute as host LXD_HOST, in aggregate /
 # availability zone LXD_AZ, reserved to project LXD_PROJECT_OS (its servers land nowhere else,
 # nobody else's land there). Its servers are containers in the LXD project LXD_PROJECT on the
 # bridge LXD_BRIDGE, which the harness creates: the Neutron subnet of that project IS the
@@ -38,11 +39,6 @@ LXD_FIP_CIDR = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR", "10.88.43.0/24")
 LXD_POOL = os.environ.get("MODELSERVE_OS_LXD_POOL", "default")
 LXD_BASE_ALIAS = os.environ.get("MODELSERVE_BASE_ALIAS", "modelserve-base-debian12")
 LXD_DISK_FORMAT = "lxd"  # Glance disk_format of an LXD unified tarball (container_format bare)
-
-
-def lxd_wanted() -> str:
-    """MODELSERVE_OS_LXD: ``0`` never, ``1`` required, else (default) when LXD is usable."""
-    return os.environ.get("MODELSERVE_OS_LXD", "auto").strip().lower() or "auto"
 
 
 def _port(name: str, default: int) -> int:
@@ -99,10 +95,6 @@ class Layout:
     @property
     def clouds_yaml(self) -> Path:
         return self.state / "clouds.yaml"
-
-    @property
-    def fip_map(self) -> Path:
-        return self.state / "fip-map.json"
 
     def secrets(self) -> dict:
         """Passwords of this state dir, generated once (mode 0600), never in the repo."""
@@ -183,8 +175,7 @@ auth_strategy = keystone
 """,
         etc / "nova/nova.conf": f"""[DEFAULT]
 transport_url = {rabbit}
-compute_driver = modelserve_process.ProcessDriver
-host = modelserve-compute
+host = modelserve-control
 my_ip = {HOST}
 state_path = {s}/nova
 instances_path = {s}/nova/instances
@@ -283,7 +274,6 @@ def service_env(layout: Layout, name: str) -> dict:
         "OS_NOVA_CONFIG_DIR": str(etc / "nova"),
         "OS_NEUTRON_CONFIG_DIR": str(etc / "neutron"),
         "OS_NEUTRON_CONFIG_FILES": "neutron.conf;plugins/ml2/ml2_conf.ini",
-        "MODELSERVE_OS_FIP_MAP": str(layout.fip_map),
         # the LXD host's driver and the L3 plugin's forwards (lxdcli.py); a private lxc
         # config dir: never the user's current project/remote
         "MODELSERVE_OS_LXD_PROJECT": LXD_PROJECT,

@@ -1,16 +1,15 @@
 """Bring a real OpenStack control plane up on loopback, and down again.
 
-MariaDB and a private RabbitMQ node, then Keystone, Glance, Placement, Nova (API under
-gunicorn, conductor, scheduler, compute with the process driver) and Neutron (ML2 with an
-agentless mechanism driver, an L3 plugin whose floating IPs go ACTIVE), a floating-IP
-forwarder, and a seeded project. Every step checks before acting, so `up` after a crash or a
-SIGKILL of everything picks up where things are.
+MariaDB and a private RabbitMQ node, then Keystone, Glance, Placement, Nova (API, conductor,
+scheduler, and nova-compute on the LXD host: lxd_driver.py's servers are LXD system
+containers) and Neutron (ML2 with an agentless mechanism driver, an L3 plugin whose floating
+IPs go ACTIVE as LXD network forwards), and the seeded projects. Every step checks before
+acting, so `up` after a crash or a SIGKILL of everything picks up where things are.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import os
 import shutil
@@ -31,6 +30,9 @@ log = logging.getLogger("openstack-harness")
 
 RABBIT_NODE = "modelserve-os@localhost"
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+# daemons of older harnesses (the process-driver compute, the user-space floating-IP
+# forwarder): stopped when a state dir that still runs them comes up
+RETIRED = ("nova-compute", "fip-forwarder")
 
 
 class HarnessError(RuntimeError):
@@ -77,36 +79,12 @@ def _http_ok(url):
 class Harness:
     """One control plane, identified by its state directory."""
 
-    def __init__(self, layout: Layout | None = None, ports: Ports | None = None,
-                 app_root: Path | None = None, app_python: str | None = None):
+    def __init__(self, layout: Layout | None = None, ports: Ports | None = None):
         self.layout = layout or Layout()
         self.ports = ports or Ports()
         self.procs = Procs(self.layout.state)
-        self.app_root = app_root or config.REPO
-        self.app_python = app_python or os.environ.get(
-            "MODELSERVE_OS_APP_PYTHON", str(config.REPO / ".venv/bin/python"))
         self.timings: dict[str, float] = {}
-        self._lxd: bool | None = None
         self.compute_started: dict[str, float] = {}
-
-    @property
-    def lxd(self) -> bool:
-        """Whether this harness runs the LXD compute host (MODELSERVE_OS_LXD: 0 | 1 | auto,
-        the default: when LXD answers and the local-cloud base image exists)."""
-        if self._lxd is None:
-            from localcloud.openstack import lxdhost
-
-            wanted = config.lxd_wanted()
-            if wanted in ("0", "no", "false", "off"):
-                self._lxd = False
-            else:
-                why = lxdhost.usable()
-                if why and wanted in ("1", "yes", "true", "on"):
-                    raise HarnessError(f"MODELSERVE_OS_LXD=1 but the LXD host cannot run: {why}")
-                if why:
-                    log.info("no LXD compute host: %s", why)
-                self._lxd = why is None
-        return self._lxd
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -117,16 +95,6 @@ class Harness:
         env = config.service_env(self.layout, name)
         if name == "nova-compute-lxd":
             env["MODELSERVE_OS_STATE"] = str(self.layout.state)
-        if name == "nova-compute":
-            env.update({
-                "MODELSERVE_OS_STATE": str(self.layout.state),
-                "MODELSERVE_OS_APP_ROOT": str(self.app_root),
-                "MODELSERVE_OS_APP_PYTHON": self.app_python,
-                "MODELSERVE_OS_RABBIT_NODE": RABBIT_NODE,
-                "MODELSERVE_OS_RABBIT_PORT": str(self.ports.rabbit),
-                "MODELSERVE_OS_RABBITMQCTL": str(RABBIT_BIN / "rabbitmqctl"),
-                "HOME": str(self.layout.rabbit),  # rabbitmqctl's Erlang cookie
-            })
         return env
 
     def _marker(self, step: str) -> Path:
@@ -161,7 +129,7 @@ class Harness:
         pw = self.layout.secrets()
         for sub in ("keystone/fernet-keys", "keystone/credential-keys", "glance/images",
                     "glance/staging", "glance/tasks", "glance/lock", "nova/instances",
-                    "nova/lock", "neutron/lock", "instances", "rabbitmq/log",
+                    "nova/lock", "neutron/lock", "rabbitmq/log",
                     "nova-lxd/instances", "nova-lxd/lock", "lxc-conf"):
             (self.layout.state / sub).mkdir(parents=True, exist_ok=True)
         self.layout.state.chmod(0o700)
@@ -339,7 +307,7 @@ class Harness:
         service whose config changed since it started is restarted)."""
         p = self.ports
         for name in self.procs.names():
-            if name.split("-")[0] in getattr(self, "changed", ()):
+            if name.split("-")[0] in getattr(self, "changed", ()) or name in RETIRED:
                 self.procs.stop(name)
         nconf = ["--config-file", str(self.layout.etc / "nova/nova.conf")]
         self._wsgi("glance", "glance.wsgi.api", p.glance)
@@ -348,36 +316,26 @@ class Harness:
         self._wsgi("neutron", "neutron.wsgi.api", p.neutron)
         for daemon in ("nova-conductor", "nova-scheduler"):
             self.procs.start(daemon, [str(self.bin / daemon), *nconf], env=self._env(daemon))
-        computes = {"nova-compute": nconf}
-        if self.lxd:
-            computes["nova-compute-lxd"] = nconf + [
-                "--config-file", str(self.layout.etc / "nova/nova-lxd.conf")]
-        for name, argv in computes.items():
-            if not self.procs.pid(name):
-                self.compute_started[name] = time.time()
-            self.procs.start(name, [str(self.bin / "python"), "-m",
-                                    "modelserve_os_plugins.nova_compute", *argv],
-                             env=self._env(name))
-        self.forwarder_up()
+        name = "nova-compute-lxd"
+        if not self.procs.pid(name):
+            self.compute_started[name] = time.time()
+        self.procs.start(name, [str(self.bin / "python"), "-m",
+                                "modelserve_os_plugins.nova_compute", *nconf,
+                                "--config-file", str(self.layout.etc / "nova/nova-lxd.conf")],
+                         env=self._env(name))
         for name, port in (("glance", p.glance), ("placement", p.placement),
                            ("nova-api", p.nova), ("neutron", p.neutron)):
             _wait(lambda port=port: _http_ok(f"http://{HOST}:{port}/"),
                   f"{name} on :{port}", 180, self.procs, name)
 
-    def forwarder_up(self) -> None:
-        """The floating-IP forwarder (our stand-in for the L3 agent's NAT)."""
-        self.procs.start("fip-forwarder", [
-            sys.executable, "-m", "localcloud.openstack.fipforward", str(self.layout.fip_map),
-        ], env=dict(os.environ, PYTHONPATH=str(config.REPO)), cwd=str(config.REPO))
-
     def discover_hosts(self) -> None:
-        """Wait for nova-compute to register, then map it into cell1."""
+        """Wait for nova-compute to register, then map it into cell1. (A compute service of
+        another host, from a state dir of an older harness, stays down: the scheduler skips
+        it.)"""
         from localcloud.openstack import seed
 
         conn = seed.connect(self, admin=True)
-        hosts = {"modelserve-compute": "nova-compute"}
-        if self.lxd:
-            hosts[config.LXD_HOST] = "nova-compute-lxd"
+        hosts = {config.LXD_HOST: "nova-compute-lxd"}
 
         def reported(host, name) -> bool:
             # a restarted compute's old record still says "up": wait for this process's report
@@ -394,15 +352,16 @@ class Harness:
                   f"{name} to register", 180, self.procs, name, 1.0)
         self._manage("nova-manage", "--config-file", str(self.layout.etc / "nova/nova.conf"),
                      "cell_v2", "discover_hosts", what="nova discover_hosts")
-        _wait(lambda: len(list(conn.compute.hypervisors())) >= len(hosts),
+        _wait(lambda: {h.name for h in conn.compute.hypervisors()} >= set(hosts),
               "the hypervisors", 120, self.procs, "nova-compute")
 
     def lxd_up(self) -> None:
         """The LXD host's project and bridge, and the Glance base image's tarball."""
         from localcloud.openstack import lxdhost
 
-        if not self.lxd:
-            return
+        why = lxdhost.usable()
+        if why:
+            raise HarnessError(f"the LXD compute host cannot run here: {why}")
         try:
             lxdhost.ensure_project_and_bridge()
             self.base_tarball = lxdhost.base_tarball()
@@ -428,44 +387,20 @@ class Harness:
         self._timed("services", self.services_up)
         self._timed("discover-hosts", self.discover_hosts)
         self._timed("seed", seed.seed_project, self)
-        if self.lxd:
-            self._timed("seed-lxd", seed.seed_lxd, self, self.base_tarball)
+        self._timed("seed-lxd", seed.seed_lxd, self, self.base_tarball)
         self.write_clouds_yaml()
         self.timings["total"] = round(time.monotonic() - t0, 2)
         return self.timings
 
-    def app_pids(self) -> list[int]:
-        """Live PIDs of app processes the compute driver started for servers (checked
-        against their recorded start time, so a recycled PID is never ours)."""
-        from localcloud.openstack.procs import _start_time
-
-        pids = []
-        for f in (self.layout.state / "instances").glob("*/pids.json"):
-            try:
-                entries = json.loads(f.read_text()).values()
-            except (OSError, ValueError):
-                continue
-            pids += [pid for pid, start in entries if start and _start_time(pid) == start]
-        return pids
-
     def down(self) -> list[str]:
-        """Stop what `up` started (by PID file), and the servers' app processes."""
-        import signal as _signal
-
-        from localcloud.openstack.procs import _signal_group
-
+        """Stop what `up` started (by PID file), and remove what the LXD host made."""
         stopped = []
-        order = ["fip-forwarder", "nova-compute", "nova-compute-lxd", "nova-scheduler",
-                 "nova-conductor",
+        order = ["nova-compute-lxd", "nova-scheduler", "nova-conductor",
                  "nova-api", "neutron", "placement", "glance", "keystone"]
         for name in order + [n for n in self.procs.names()
                              if n not in order + ["rabbitmq", "mariadb"]]:
             if self.procs.stop(name):
                 stopped.append(name)
-        for pid in self.app_pids():
-            _signal_group(pid, _signal.SIGTERM)
-        for f in (self.layout.state / "instances").glob("*/pids.json"):
-            f.unlink(missing_ok=True)
         if self.procs.pid("rabbitmq"):
             self.rabbitmqctl("stop", check=False, timeout=60)
         for name in ("rabbitmq", "mariadb"):
@@ -476,7 +411,7 @@ class Harness:
 
     def lxd_down(self) -> list[str]:
         """Remove what the LXD host made in LXD (containers, images, project, forwards,
-        bridge), whatever MODELSERVE_OS_LXD says now."""
+        bridge)."""
         from localcloud.openstack import lxdhost
 
         if not shutil.which("lxc") or lxdhost.lxc("query", "/1.0", check=False,
@@ -487,8 +422,7 @@ class Harness:
     def status(self) -> dict:
         """name → PID or None, for every daemon the harness knows."""
         names = ["mariadb", "rabbitmq", "keystone", "glance", "placement", "nova-api",
-                 "nova-conductor", "nova-scheduler", "nova-compute", "neutron",
-                 "fip-forwarder"] + (["nova-compute-lxd"] if self.lxd else [])
+                 "nova-conductor", "nova-scheduler", "nova-compute-lxd", "neutron"]
         return {n: self.procs.pid(n) for n in names}
 
     def write_clouds_yaml(self) -> str:
@@ -505,9 +439,9 @@ class Harness:
 
         text = ("clouds:\n" + entry(config.CLOUD, "modelserve", pw["modelserve"], "modelserve")
                 + entry(config.CLOUD + "-admin", "admin", pw["admin"], "admin"))
-        if self.lxd:  # the LXD host's project (its servers are containers)
-            text += entry(config.CLOUD + "-lxd", "modelserve", pw["modelserve"],
-                          config.LXD_PROJECT_OS)
+        # the LXD host's project (its servers are containers): where rollout deploys
+        text += entry(config.CLOUD + "-lxd", "modelserve", pw["modelserve"],
+                      config.LXD_PROJECT_OS)
         path = self.layout.clouds_yaml
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

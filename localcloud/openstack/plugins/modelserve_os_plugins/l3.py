@@ -1,18 +1,16 @@
 """An L3 service plugin whose floating IPs go ACTIVE without an L3 agent.
 
 It also makes traffic sent to a floating address really reach the port it is associated with
-(the job an L3 agent or OVN does in a real cloud):
-* a floating IP from the LXD host's range (MODELSERVE_OS_LXD_FIP_CIDR, network ``public-lxd``)
-  is an LXD network forward on the LXD bridge: listen address = the floating IP, default
-  target = the fixed IP (all ports, as 1:1 NAT), kept in sync on every change;
-* any other (loopback) one goes into the JSON map the harness's user-space forwarder reads.
+(the job an L3 agent or OVN does in a real cloud): a floating IP from the LXD host's range
+(MODELSERVE_OS_LXD_FIP_CIDR, network ``public-lxd``) is an LXD network forward on the LXD
+bridge: listen address = the floating IP, default target = the fixed IP (all ports, as 1:1
+NAT), kept in sync on every change. Floating IPs of other networks (the first project's
+loopback ``public``, which no compute host serves) only change status.
 """
 
 import ipaddress
-import json
 import logging
 import os
-import tempfile
 
 from neutron.services.l3_router import l3_router_plugin
 from neutron_lib import constants
@@ -22,7 +20,7 @@ from modelserve_os_plugins import lxdcli
 
 
 class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
-    """L3RouterPlugin + agentless FIP status + a forwarding map for the harness."""
+    """L3RouterPlugin + agentless FIP status + the LXD forwards of floating IPs."""
 
     def create_floatingip(self, context, floatingip, initial_status=None):
         """Create, then mark ACTIVE when associated (as OVN does)."""
@@ -30,21 +28,21 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
         return self._settle(context, fip)
 
     def update_floatingip(self, context, id, floatingip):
-        """Update (associate/disassociate), then settle status and the forwarding map."""
+        """Update (associate/disassociate), then settle status and the forwards."""
         fip = super().update_floatingip(context, id, floatingip)
         return self._settle(context, fip)
 
     def delete_floatingip(self, context, id):
-        """Delete, then refresh the forwarding map."""
+        """Delete, then drop its forward."""
         super().delete_floatingip(context, id)
-        self._write_map()
+        self._sync()
 
     def disassociate_floatingips(self, context, port_id):
         """A port goes (server deleted): its floating IPs lose their target, and so do the
         forwards. (This runs inside the port's delete transaction: a fresh session still
         sees the old association, so the port is left out explicitly.)"""
         result = super().disassociate_floatingips(context, port_id)
-        self._write_map(gone_port=port_id)
+        self._sync(gone_port=port_id)
         return result
 
     def _settle(self, context, fip):
@@ -53,31 +51,22 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
         if fip.get("status") != status:
             self.update_floatingip_status(context, fip["id"], status)
             fip = self.get_floatingip(context, fip["id"])  # new status and revision
-        self._write_map()
+        self._sync()
         return fip
 
-    def _write_map(self, gone_port=None):
-        path = os.environ.get("MODELSERVE_OS_FIP_MAP")
-        if not path:
-            return
-        admin = n_context.get_admin_context()
+    def _sync(self, gone_port=None):
         lxd_net = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR")
-        lxd_net = ipaddress.ip_network(lxd_net) if lxd_net else None
-        mapping, forwards = {}, {}
-        for f in self.get_floatingips(admin):
-            if not f.get("fixed_ip_address") or f.get("port_id") == gone_port:
-                continue
-            if lxd_net and ipaddress.ip_address(f["floating_ip_address"]) in lxd_net:
-                forwards[f["floating_ip_address"]] = f["fixed_ip_address"]
-            else:
-                mapping[f["floating_ip_address"]] = f["fixed_ip_address"]
-        if lxd_net and forwards != getattr(self, "_forwards_synced", {}):
-            # only when they change: the loopback floating IPs' updates cost no lxc call
+        if not lxd_net:
+            return
+        lxd_net = ipaddress.ip_network(lxd_net)
+        admin = n_context.get_admin_context()
+        forwards = {f["floating_ip_address"]: f["fixed_ip_address"]
+                    for f in self.get_floatingips(admin)
+                    if f.get("fixed_ip_address") and f.get("port_id") != gone_port
+                    and ipaddress.ip_address(f["floating_ip_address"]) in lxd_net}
+        if forwards != getattr(self, "_forwards_synced", {}):
+            # only when they change: a status-only update costs no lxc call
             self._forwards_synced = forwards if _sync_forwards(lxd_net, forwards) else None
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".fipmap")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(mapping, fh)
-        os.replace(tmp, path)
 
 
 LOG = logging.getLogger(__name__)
