@@ -72,9 +72,14 @@ def tarball(spec: str) -> Path:
     for args in (("delete", "--force", name), ("image", "delete", alias),
                  ("image", "delete", base_alias)):
         lxdhost.lxc(*args, *proj, check=False)
+    # the LXD host may hold the base already (Nova booted it: alias glance-<id>); LXD refuses
+    # a second import of the same bytes, so use it by fingerprint (a tarball's sha256) then
+    fingerprint = _sha256(base)
+    imported = lxdhost.query(lxdhost._p(f"/1.0/images/{fingerprint}"), check=False) is None
     try:
-        lxdhost.lxc("image", "import", str(base), "--alias", base_alias, *proj, timeout=900)
-        lxdhost.lxc("init", base_alias, name, *proj)
+        if imported:
+            lxdhost.lxc("image", "import", str(base), "--alias", base_alias, *proj, timeout=900)
+        lxdhost.lxc("init", fingerprint, name, *proj)
         with tempfile.TemporaryDirectory() as tmp:
             for n, (path, content) in enumerate(files.items()):
                 local = Path(tmp) / str(n)
@@ -89,10 +94,18 @@ def tarball(spec: str) -> Path:
             assert len(made) == 1, f"lxc image export gave {[p.name for p in made]}"
             os.replace(made[0], out)
     finally:
-        for args in (("delete", "--force", name), ("image", "delete", alias),
-                     ("image", "delete", base_alias)):
+        for args in (("delete", "--force", name), ("image", "delete", alias)) + (
+                (("image", "delete", base_alias),) if imported else ()):
             lxdhost.lxc(*args, *proj, check=False)
     return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def upload(conn, release: str, spec: str, properties: dict):
