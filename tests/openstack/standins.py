@@ -23,6 +23,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from app.bundle import sha256_file
 from localcloud.openstack import config, lxdhost
 
 APP = Path(__file__).resolve().parents[1] / "e2e" / "standin"
@@ -74,7 +75,7 @@ def tarball(spec: str) -> Path:
         lxdhost.lxc(*args, *proj, check=False)
     # the LXD host may hold the base already (Nova booted it: alias glance-<id>); LXD refuses
     # a second import of the same bytes, so use it by fingerprint (a tarball's sha256) then
-    fingerprint = _sha256(base)
+    fingerprint = sha256_file(base)
     imported = lxdhost.query(lxdhost._p(f"/1.0/images/{fingerprint}"), check=False) is None
     try:
         if imported:
@@ -99,13 +100,6 @@ def tarball(spec: str) -> Path:
             lxdhost.lxc(*args, *proj, check=False)
     return out
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def upload(conn, release: str, spec: str, properties: dict):
