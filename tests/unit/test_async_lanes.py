@@ -5,6 +5,7 @@ is answered while async ones hold those threads and more wait in line."""
 import concurrent.futures
 import dataclasses
 import threading
+import time
 
 import pytest
 import requests
@@ -39,18 +40,29 @@ def server():
     loop = threading.Thread(target=srv.run, daemon=True)
     loop.start()
     try:
-        yield f"http://127.0.0.1:{srv.effective_port}", release, started
+        yield f"http://127.0.0.1:{srv.effective_port}", release, started, srv.task_dispatcher.queue
     finally:
         release.set()
         srv.close()
         srv.task_dispatcher.shutdown(timeout=5)
 
 
+def _until(cond, timeout=20.0):
+    """Poll cond() (a loaded machine may take a while to connect three clients)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "the async requests never reached the server"
+        time.sleep(0.01)
+
+
 def test_a_sync_request_is_answered_while_async_requests_hold_their_threads(server):
-    url, release, started = server
+    url, release, started, lanes = server
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         floods = [pool.submit(requests.post, url + "/api/v1/predictions?async=true", timeout=60)
                   for _ in range(3)]
+        # the flood in place first: one async request being served, two waiting in their lane
+        # (without this wait, on a loaded machine the sync request could arrive before them)
+        _until(lambda: len(started) == 1 and len(lanes.bulk) == 2)
         # answered while the async requests are still blocked (before release): on a server
         # whose threads any request may take, both threads would be stuck in async requests
         sync = requests.post(url + "/api/v1/predictions", timeout=30)
