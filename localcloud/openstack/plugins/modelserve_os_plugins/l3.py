@@ -45,6 +45,17 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
         self._sync(gone_port=port_id)
         return result
 
+    # This cloud has no L3 agent (the forwards below are its data plane), so the agent
+    # notifications L3RouterPlugin sends on every floating-IP change only cost time: each one
+    # loads the router, runs the agent scheduler and looks up the hosts to notify, all through
+    # pymysql. py-spy: half of a floating-IP PUT's samples; without them a PUT takes
+    # 0.2-0.7 s instead of 0.4-1.3 s here.
+    def notify_router_updated(self, context, router_id, operation=None):
+        """No L3 agent to tell."""
+
+    def _notify_floating_ip_change(self, context, floating_ip):
+        """No (DVR) L3 agent to tell."""
+
     def _settle(self, context, fip):
         status = (constants.FLOATINGIP_STATUS_ACTIVE if fip.get("port_id")
                   else constants.FLOATINGIP_STATUS_DOWN)
