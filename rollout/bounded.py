@@ -40,6 +40,8 @@ class BoundedCloud:
         self.__sleep = sleep
         self.policy = policy
         self.name: str = getattr(cloud, "name", "?")
+        # the implementation's word that its read calls may run concurrently (views.observe)
+        self.concurrent_reads: bool = bool(getattr(cloud, "concurrent_reads", False))
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return self.policy.run(fn, sleep=self.__sleep, what=what)

@@ -76,6 +76,11 @@ class Conflict(CloudError):
     """A compare-and-swap update lost: the resource changed since it was observed."""
 
 
+class StaleObservation(Conflict):
+    """A lock-free compare-and-swap (rollback's one-update switch) lost: the floating IP
+    changed after it was observed, so the observation may no longer hold. Nothing moved."""
+
+
 class WaitTimeout(RolloutError):
     """A ``wait_for_*`` gave up: the resource did not reach the wanted state in time."""
 

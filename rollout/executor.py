@@ -3,6 +3,8 @@
 ``deploy``/``rollback``/``cleanup`` each: observe and plan WITHOUT the lock (a refusal
 changes nothing: invariant I9), then take the env lock (``lock.py``: a leased CAS on the
 floating IP, creating it race-free for a new env), observe and plan again, apply, unlock.
+(A rollback nobody is in the way of skips the lock: its switch is one compare-and-swap from
+the observed revision, which loses if anything changed since; then it runs the locked way.)
 Everything a run creates is registered *before* the call that creates it; on any failure
 (a signal included: ``cancel.py``) the floating IP is put back if it moved, was not verified
 and still carries our lock, the run's instances are deleted, and whatever could not be
@@ -50,6 +52,7 @@ from rollout.errors import (
     HealthCheckFailed,
     PlanError,
     RolloutError,
+    StaleObservation,
     WaitTimeout,
     add_also,
     also_text,
@@ -91,8 +94,12 @@ from rollout.views import destroy, history, observe, status  # noqa: F401 - re-e
 class Executor:
     """Applies one plan's steps, undoing this run's changes if any step fails."""
 
-    def __init__(self, ctx: Context, observed: Deployment, lock: Lock | None, plan: Plan):
+    def __init__(self, ctx: Context, observed: Deployment, lock: Lock | None, plan: Plan, *,
+                 cas: bool = False):
         self.ctx, self.observed, self.lock, self.plan = ctx, observed, lock, plan
+        # cas: no lock; the switch is one compare-and-swap from the observed revision
+        # (``rollback``), which any change since the observation makes lose
+        self.cas = cas
         self.by_name: dict[str, Instance] = {i.name: i for i in observed.instances}
         self.created: list[str] = []
         self.switched_from: FloatingIP | None = None  # FIP as it was before our switch
@@ -424,6 +431,9 @@ class Executor:
             if moved and cur.target not in ours:
                 return True  # someone else moved it: not ours to touch, nor to lose
             held = cur.state.lock
+            if self.lock is None and held is not None:  # a lock-free run never crosses one
+                raise CloudError(f"not switching the floating IP back: env {ctx.env} is now "
+                                 f"locked by {held.holder} (deploy {held.deploy_id})")
             if self.lock is not None and (not held or held.deploy_id != self.lock.deploy_id):
                 raise CloudError(f"not switching the floating IP back: the env's lock is now "
                                  f"{held.holder + ' (deploy ' + held.deploy_id + ')' if held else 'gone'}")
@@ -572,7 +582,9 @@ class Executor:
     def do_switch(self, step: Switch) -> None:
         ctx = self.ctx
         front = self.by_name[step.front]
-        fip = ctx.cloud.find_floating_ip(ctx.env)
+        # lock-free (cas): the floating IP as observed; the update below is conditional on
+        # its revision, so the observation and the gate still hold when it succeeds
+        fip = self.observed.fip if self.cas else ctx.cloud.find_floating_ip(ctx.env)
         if fip is not None and self._analysis_pending() and fip.target:
             self._baseline(step, fip)  # on the live release, before the switch
             fip = ctx.cloud.find_floating_ip(ctx.env)  # the lease was renewed meanwhile
@@ -595,8 +607,15 @@ class Executor:
         self.switched_from, self.switched_to = fip, front.port
         t0 = time.monotonic()
         try:
-            ctx.cloud.update_floating_ip(fip, target=front.port, state=state,
-                                         if_revision=fip.revision)
+            try:
+                ctx.cloud.update_floating_ip(fip, target=front.port, state=state,
+                                             if_revision=fip.revision)
+            except Conflict as exc:
+                if not self.cas:
+                    raise
+                self.switched_from = None  # nothing moved: nothing to put back
+                raise StaleObservation(f"the floating IP of env {ctx.env} changed after it "
+                                       f"was observed ({exc})") from exc
             self._verify(step.release, fip.address, t0)
         finally:
             if probe is not None:  # and the new one after (at most 0.15 s)
@@ -785,16 +804,17 @@ def deploy(ctx: Context, req: DeployRequest) -> dict:
 
 
 @contextlib.contextmanager
-def _notified(ex: Executor):
+def _notified(ex: Executor, *, started: bool = True):
     """``started`` now; ``failed`` (with the reason) if the run ends by an exception other
     than an analysis failure (which sent its own ``analysis_failed``/``rolled_back``). A run
     that the release itself failed (gate, diff gate, refusal, a wait) is also recorded in
     history as ``failed`` with the reason; a cloud error or a signal is not (one more cloud
     call would only delay the exit)."""
-    ex.notify("started", "; ".join(ex.plan.notes))
+    if started:
+        ex.notify("started", "; ".join(ex.plan.notes))
     try:
         yield
-    except AnalysisFailed:
+    except (AnalysisFailed, StaleObservation):  # the latter: retried under the lock
         raise
     except BaseException as exc:
         reason = also_text(exc) or type(exc).__name__
@@ -834,14 +854,32 @@ def _apply_locked(ctx: Context, plan_fn, req, *, announce: bool = False) -> dict
 
 
 def rollback(ctx: Context, req: RollbackRequest) -> dict:
-    """Plan without the lock, lock, observe, re-plan, apply (no instance is created)."""
+    """Observe and plan without the lock; then, when nobody holds the env's lock, gate the
+    target and switch with ONE compare-and-swap from the observed floating IP's revision (no
+    lock, switch, unlock: one floating-IP update instead of three). Every lock taken, renewed
+    or released and every switch bumps that revision, and instances change only under the
+    lock, so the update succeeds only if nothing changed since the observation: exactly what
+    holding the lock would have guaranteed. If it loses (``StaleObservation``: nothing moved)
+    or the env is locked, the rollback runs the locked way: lock (or ``DeployLocked``, or a
+    takeover), observe again, re-plan, apply, unlock. No instance is created either way."""
     first = observe(ctx)
-    plan_rollback(first, req)
+    plan = plan_rollback(first, req)
+    announced = False
+    if first.fip is not None and first.fip.state.lock is None:
+        ex = Executor(ctx, first, None, plan, cas=True)
+        try:
+            with _notified(ex):
+                return ex.apply()
+        except StaleObservation as exc:
+            announced = True
+            ctx.reporter.info(f"{exc}; rolling back under the env's lock")
+            first = observe(ctx)
+            plan_rollback(first, req)
     with env_lock(ctx, create=False) as lock:
         observed = _observe_again(ctx, first)
         plan = plan_rollback(observed, req)
         ex = Executor(ctx, observed, lock, plan)
-        with _notified(ex):
+        with _notified(ex, started=not announced):
             return ex.apply()
 
 

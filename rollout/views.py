@@ -6,6 +6,8 @@ holds the env's lock (creating a floating IP just to hold it when the env has no
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from rollout import health
 from rollout.clouds.base import Deployment, preview_env
 from rollout.context import Context
@@ -13,11 +15,20 @@ from rollout.lock import env_lock
 
 
 def observe(ctx: Context) -> Deployment:
-    """Read the env's floating IP, all releases and the env's instances."""
-    fip = ctx.cloud.find_floating_ip(ctx.env)
-    releases = ctx.cloud.list_releases()
-    insts = ctx.cloud.list_instances(ctx.env)
-    return Deployment(ctx.env, fip, tuple(releases), tuple(insts))
+    """Read the env's floating IP, all releases and the env's instances: side by side when
+    the cloud allows it (OpenStack: three services, so the slowest read instead of the sum),
+    else one after the other. A failed read fails the observation either way."""
+    cloud = ctx.cloud
+    if not cloud.concurrent_reads:
+        fip = cloud.find_floating_ip(ctx.env)
+        releases = cloud.list_releases()
+        insts = cloud.list_instances(ctx.env)
+        return Deployment(ctx.env, fip, tuple(releases), tuple(insts))
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="observe") as pool:
+        releases_f = pool.submit(cloud.list_releases)
+        insts_f = pool.submit(cloud.list_instances, ctx.env)
+        fip = cloud.find_floating_ip(ctx.env)  # in this thread
+        return Deployment(ctx.env, fip, tuple(releases_f.result()), tuple(insts_f.result()))
 
 
 def lock_view(observed: Deployment) -> dict | None:

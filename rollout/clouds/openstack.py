@@ -102,6 +102,9 @@ class OpenStackCloud(CloudBase):
     """The ``Cloud`` protocol on Glance, Nova and Neutron."""
 
     name = "openstack"
+    # its reads are independent HTTP calls through one keystoneauth session (thread-safe:
+    # the token is fetched under the auth plugin's lock): ``observe`` runs them side by side
+    concurrent_reads = True
 
     def __init__(self, *, cloud: str | None = None, conn=None, flavor: str | None = None,
                  network: str | None = None, external_network: str | None = None,
