@@ -9,9 +9,12 @@ service rejects it (401: revoked) it invalidates it and logs in again, once.
 * **Where**: ``$XDG_CACHE_HOME/modelserve/`` (else ``~/.cache/modelserve/``), directory 0700,
   one file 0600 per identity, ``os-token-<key>.json``. A file that is not a regular file of
   this user, or that others can read or write, is ignored (and replaced).
-* **Checked before use** with Keystone (``GET /v3/auth/tokens``: one fast call, no password
-  hashing), whose answer also refreshes the catalog; a token it does not accept (revoked,
-  or another Keystone behind the same URL) is dropped and the run logs in as usual.
+* **Checked with Keystone** (``GET /v3/auth/tokens``: one fast call, no password hashing)
+  before use once ``RECHECK_S`` have passed since the file's token was issued or last
+  checked; the answer also refreshes the catalog, and a token Keystone does not accept
+  (revoked, or another Keystone behind the same URL) is dropped and the run logs in as usual.
+  Within ``RECHECK_S`` (the rollback right after a deploy) the token is used unchecked: a
+  service that rejects it (401) makes keystoneauth log in again, once, as above.
 * **Key**: auth URL + user + user domain + project + project domain (+ auth type); never the
   password. The file does not contain the password either: it holds a salted scrypt
   verifier of it (or of the application credential secret), and a run whose password does
@@ -38,6 +41,7 @@ from pathlib import Path
 
 ENV = "MODELSERVE_OS_TOKEN_CACHE"
 MARGIN_S = 300.0  # a token is reused until this long before its expiry
+RECHECK_S = 300.0  # a token issued or checked this recently is used without asking Keystone
 VERSION = 1
 _KEY_FIELDS = ("auth_url", "username", "user_id", "user_domain_name", "user_domain_id",
                "project_name", "project_id", "project_domain_name", "project_domain_id",
@@ -101,6 +105,13 @@ class TokenCache:
     def __init__(self, directory: Path, key: str, *, margin_s: float = MARGIN_S):
         self.directory, self.key, self.margin_s = directory, key, margin_s
         self.path = directory / f"os-token-{key}.json"
+        self.checked_at: datetime | None = None  # of the state ``load`` returned last
+
+    def recently_checked(self, *, now: datetime | None = None) -> bool:
+        """True if the loaded token was issued or checked with Keystone < RECHECK_S ago."""
+        now = now or datetime.now(timezone.utc)
+        return (self.checked_at is not None
+                and timedelta(0) <= now - self.checked_at < timedelta(seconds=RECHECK_S))
 
     def _read(self) -> dict | None:
         try:
@@ -121,6 +132,7 @@ class TokenCache:
     def load(self, secret: str, *, now: datetime | None = None) -> str | None:
         """The cached auth state, if the file is ours, for this key and this secret, and its
         token is valid for more than ``margin_s``; else None."""
+        self.checked_at = None
         data = self._read()
         if not data or data.get("version") != VERSION or data.get("key") != self.key:
             return None
@@ -136,16 +148,24 @@ class TokenCache:
         now = now or datetime.now(timezone.utc)
         if end is None or end - now <= timedelta(seconds=self.margin_s):
             return None
+        try:
+            self.checked_at = datetime.fromisoformat(str(data.get("checked_at")))
+        except ValueError:
+            self.checked_at = None  # never checked: ask Keystone
         return state
 
-    def save(self, auth_state: str, secret: str) -> bool:
-        """Write the state (atomically, 0600 in a 0700 directory); False if it has no
-        readable expiry or the write failed (the cache is best effort)."""
+    def save(self, auth_state: str, secret: str, *, checked_at: datetime | None = None
+             ) -> bool:
+        """Write the state (atomically, 0600 in a 0700 directory), with when Keystone last
+        vouched for it (``checked_at``, default now: a new login or a check); False if it
+        has no readable expiry or the write failed (the cache is best effort)."""
         if expires_at(auth_state) is None:
             return False
         salt = secrets.token_bytes(16)
+        when = checked_at or datetime.now(timezone.utc)
         data = {"version": VERSION, "key": self.key, "salt": salt.hex(),
-                "verifier": verifier(secret, salt), "auth_state": auth_state}
+                "verifier": verifier(secret, salt), "auth_state": auth_state,
+                "checked_at": when.isoformat()}
         tmp = self.directory / f".os-token-{self.key}.{secrets.token_hex(4)}.tmp"
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -213,12 +233,14 @@ def attach(conn, environ: Mapping[str, str] | None = None,
     auth_type = str(region.config.get("auth_type") or "")
     cache = TokenCache(cache_dir(environ), cache_key(auth, auth_type))
     loaded = cache.load(secret)
-    if loaded:
+    if loaded and not cache.recently_checked():
         loaded = validated(conn.session, str(auth.get("auth_url") or ""), loaded)
         if loaded is None:
             cache.drop()  # revoked, or another Keystone answers now: log in as usual
         else:
-            plugin.set_auth_state(loaded)
+            cache.save(loaded, secret)  # checked now (and its catalog refreshed)
+    if loaded:
+        plugin.set_auth_state(loaded)
 
     def persist() -> None:
         try:

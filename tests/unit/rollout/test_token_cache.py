@@ -183,23 +183,43 @@ def test_attach_installs_the_cached_token_and_saves_a_new_one(tmp_path, keystone
     hooks.pop()()
     assert json.loads(cache.load(AUTH["password"]))["auth_token"] == "tok-new"
 
+    conn1 = connection(keystone)
+    tc.attach(conn1, env, at_exit=hooks.append)
+    assert conn1.session.auth.auth_ref.auth_token == "tok-new"  # no login needed ...
+    assert keystone.seen == []  # ... nor a check: it was issued moments ago
+
     keystone.valid.add("tok-new")
+    long_ago = datetime.now(timezone.utc) - timedelta(seconds=tc.RECHECK_S + 1)
+    cache.save(state("tok-new"), AUTH["password"], checked_at=long_ago)
     conn2 = connection(keystone)
     tc.attach(conn2, env, at_exit=hooks.append)
     ref = conn2.session.auth.auth_ref
     assert ref.auth_token == "tok-new"  # no login needed
     assert [s["type"] for s in ref.service_catalog.catalog] == ["network"]
     assert keystone.seen == ["/v3/auth/tokens"]  # checked, and the catalog refreshed
+    assert cache.load(AUTH["password"]) and cache.recently_checked()  # when, saved
     conn2.session.auth.invalidate()  # a service said 401 and the new login failed
     hooks.pop()()
     assert not cache.path.exists()
+
+
+def test_a_token_checked_recently_is_checked_again_once_the_window_passes(cache):
+    cache.save(state(), AUTH["password"])
+    assert cache.load(AUTH["password"]) and cache.recently_checked()
+    later = datetime.now(timezone.utc) + timedelta(seconds=tc.RECHECK_S + 1)
+    assert not cache.recently_checked(now=later)
+    raw = json.loads(cache.path.read_text())
+    raw.pop("checked_at")  # a file written before the field existed: never checked
+    cache.path.write_text(json.dumps(raw))
+    assert cache.load(AUTH["password"]) and not cache.recently_checked()
 
 
 def test_a_token_keystone_no_longer_accepts_is_dropped(tmp_path, keystone):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     hooks: list = []
     cache = tc.attach(connection(keystone), env, at_exit=hooks.append)
-    cache.save(state("tok-revoked"), AUTH["password"])  # keystone does not know it
+    cache.save(state("tok-revoked"), AUTH["password"],  # keystone does not know it
+               checked_at=datetime.now(timezone.utc) - timedelta(seconds=tc.RECHECK_S + 1))
     conn = connection(keystone)
     tc.attach(conn, env, at_exit=hooks.append)
     assert conn.session.auth.get_auth_state() is None  # it logs in as usual
