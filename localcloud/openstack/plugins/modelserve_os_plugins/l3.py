@@ -11,6 +11,7 @@ loopback ``public``, which no compute host serves) only change status.
 import ipaddress
 import logging
 import os
+import threading
 
 from neutron.services.l3_router import l3_router_plugin
 from neutron_lib import constants
@@ -28,9 +29,10 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
         return self._settle(context, fip)
 
     def update_floatingip(self, context, id, floatingip):
-        """Update (associate/disassociate), then settle status and the forwards."""
+        """Update (associate/disassociate), then settle status and the forwards (only this
+        floating IP's forward, when the others are known to be in sync)."""
         fip = super().update_floatingip(context, id, floatingip)
-        return self._settle(context, fip)
+        return self._settle(context, fip, changed=fip)
 
     def delete_floatingip(self, context, id):
         """Delete, then drop its forward."""
@@ -56,14 +58,40 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
     def _notify_floating_ip_change(self, context, floating_ip):
         """No (DVR) L3 agent to tell."""
 
-    def _settle(self, context, fip):
+    def _settle(self, context, fip, changed=None):
         status = (constants.FLOATINGIP_STATUS_ACTIVE if fip.get("port_id")
                   else constants.FLOATINGIP_STATUS_DOWN)
         if fip.get("status") != status:
             self.update_floatingip_status(context, fip["id"], status)
             fip = self.get_floatingip(context, fip["id"])  # new status and revision
-        self._sync()
+        if changed is None or not self._sync_one(changed):
+            self._sync()
         return fip
+
+    def _sync_one(self, fip):
+        """Bring one floating IP's forward in line when the last sync left every forward
+        known (no listing of all floating IPs, no listing of the bridge's forwards: a
+        switch's floating-IP PUT then costs one lxc call). False: do a full sync instead."""
+        lxd_net = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR")
+        if not lxd_net:
+            return True
+        addr = fip.get("floating_ip_address")
+        if not addr or ipaddress.ip_address(addr) not in ipaddress.ip_network(lxd_net):
+            return True
+        with _SYNC_LOCK:
+            synced = getattr(self, "_forwards_synced", None)
+            if synced is None:
+                return False
+            want = dict(synced)
+            if fip.get("fixed_ip_address") and fip.get("port_id"):
+                want[addr] = fip["fixed_ip_address"]
+            else:
+                want.pop(addr, None)
+            if want == synced:
+                return True
+            ok = _sync_forward(addr, synced.get(addr), want.get(addr))
+            self._forwards_synced = want if ok else None
+            return ok
 
     def _sync(self, gone_port=None):
         lxd_net = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR")
@@ -75,12 +103,36 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
                     for f in self.get_floatingips(admin)
                     if f.get("fixed_ip_address") and f.get("port_id") != gone_port
                     and ipaddress.ip_address(f["floating_ip_address"]) in lxd_net}
-        if forwards != getattr(self, "_forwards_synced", {}):
-            # only when they change: a status-only update costs no lxc call
-            self._forwards_synced = forwards if _sync_forwards(lxd_net, forwards) else None
+        with _SYNC_LOCK:
+            if forwards != getattr(self, "_forwards_synced", {}):
+                # only when they change: a status-only update costs no lxc call
+                self._forwards_synced = forwards if _sync_forwards(lxd_net, forwards) else None
 
 
 LOG = logging.getLogger(__name__)
+_SYNC_LOCK = threading.Lock()  # the API's threads: one sync at a time, one view of them
+_FORWARD_BODY = {"description": "Neutron floating IP (modelserve harness)", "ports": []}
+
+
+def _sync_forward(addr, have, target):
+    """Make the forward of `addr` point at `target` (None: no forward) given that it now
+    points at `have` (None: absent); False (logged) when LXD disagrees, e.g. the forward was
+    changed behind our back: the caller then syncs them all."""
+    path = f"/1.0/networks/{lxdcli.bridge()}/forwards"
+    try:
+        if target is None:
+            lxdcli.query(f"{path}/{addr}", "DELETE")
+        elif have is None:
+            lxdcli.query(path, "POST", dict(_FORWARD_BODY, listen_address=addr,
+                                            config={"target_address": target}))
+        else:
+            lxdcli.query(f"{path}/{addr}", "PUT", dict(_FORWARD_BODY,
+                                                        config={"target_address": target}))
+        return True
+    except Exception:  # noqa: BLE001 - the full sync that follows repairs it
+        LOG.warning("could not update the LXD forward of %s; syncing them all", addr,
+                    exc_info=True)
+        return False
 
 
 def _sync_forwards(lxd_net, wanted):
@@ -94,8 +146,7 @@ def _sync_forwards(lxd_net, wanted):
         for addr in set(have) - set(wanted):
             lxdcli.query(f"{path}/{addr}", "DELETE", check=False)
         for addr, target in wanted.items():
-            body = {"description": "Neutron floating IP (modelserve harness)",
-                    "config": {"target_address": target}, "ports": []}
+            body = dict(_FORWARD_BODY, config={"target_address": target})
             if addr not in have:
                 lxdcli.query(path, "POST", dict(body, listen_address=addr))
             elif have[addr] != target:
