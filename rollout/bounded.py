@@ -40,11 +40,14 @@ class BoundedCloud:
         self.__sleep = sleep
         self.policy = policy
         self.name: str = getattr(cloud, "name", "?")
-        # the implementation's word that its read calls may run concurrently (views.observe)
-        self.concurrent_reads: bool = bool(getattr(cloud, "concurrent_reads", False))
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return self.policy.run(fn, sleep=self.__sleep, what=what)
+
+    @property
+    def concurrent_reads(self) -> bool:
+        """The implementation's word, now, that its reads may run side by side (views.observe)."""
+        return bool(getattr(self.__cloud, "concurrent_reads", False))
 
     def unwraps(self, cloud) -> bool:
         """True if this wraps ``cloud`` (tests)."""

@@ -102,9 +102,6 @@ class OpenStackCloud(CloudBase):
     """The ``Cloud`` protocol on Glance, Nova and Neutron."""
 
     name = "openstack"
-    # its reads are independent HTTP calls through one keystoneauth session (thread-safe:
-    # the token is fetched under the auth plugin's lock): ``observe`` runs them side by side
-    concurrent_reads = True
 
     def __init__(self, *, cloud: str | None = None, conn=None, flavor: str | None = None,
                  network: str | None = None, external_network: str | None = None,
@@ -125,6 +122,18 @@ class OpenStackCloud(CloudBase):
                 api_timeout=float(env("MODELSERVE_OS_API_TIMEOUT", "30")))
             if conn is None:  # our own connection: reuse the user's cached token (opt-out)
                 token_cache.attach(self.conn)
+
+    @property
+    def concurrent_reads(self) -> bool:
+        """Whether ``observe`` may run its reads side by side: independent HTTP calls through
+        one keystoneauth session, but only once the session holds a token (the cached one, or
+        one a first call fetched). Before that, each thread would log in on its own, and a
+        wrong password would count one failed login per thread towards a lockout (I10)."""
+        ref = getattr(getattr(self.conn.session, "auth", None), "auth_ref", None)
+        try:
+            return ref is not None and not ref.will_expire_soon(30)
+        except Exception:  # noqa: BLE001 - an odd plugin: one read after the other
+            return False
 
     # -- error translation ---------------------------------------------------------------
     @contextmanager

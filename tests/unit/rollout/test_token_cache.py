@@ -245,3 +245,18 @@ def test_attach_is_off_when_opted_out(tmp_path, keystone):
     env = {"XDG_CACHE_HOME": str(tmp_path), tc.ENV: "0"}
     assert tc.attach(connection(keystone), env, at_exit=hooks.append) is None
     assert hooks == [] and not (tmp_path / "modelserve").exists()
+
+
+def test_reads_go_side_by_side_only_once_the_session_holds_a_token(tmp_path, keystone):
+    """Without a token each parallel read would log in on its own (a wrong password: one failed
+    login per thread, towards a lockout): the OpenStack cloud allows concurrent reads only once
+    its session holds a valid token, e.g. the cached one."""
+    from rollout.clouds.openstack import OpenStackCloud
+
+    conn = connection(keystone)
+    cloud = OpenStackCloud(conn=conn)
+    assert not cloud.concurrent_reads  # no token yet: the first read logs in, alone
+    conn.session.auth.set_auth_state(state("tok-1"))
+    assert cloud.concurrent_reads
+    conn.session.auth.set_auth_state(state("tok-2", in_s=10))  # about to expire
+    assert not cloud.concurrent_reads
