@@ -72,11 +72,9 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
         """Bring one floating IP's forward in line when the last sync left every forward
         known (no listing of all floating IPs, no listing of the bridge's forwards: a
         switch's floating-IP PUT then costs one lxc call). False: do a full sync instead."""
-        lxd_net = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR")
-        if not lxd_net:
-            return True
+        lxd_net = _lxd_net()
         addr = fip.get("floating_ip_address")
-        if not addr or ipaddress.ip_address(addr) not in ipaddress.ip_network(lxd_net):
+        if lxd_net is None or not addr or ipaddress.ip_address(addr) not in lxd_net:
             return True
         with _SYNC_LOCK:
             synced = getattr(self, "_forwards_synced", None)
@@ -94,10 +92,9 @@ class ActiveFipL3Plugin(l3_router_plugin.L3RouterPlugin):
             return ok
 
     def _sync(self, gone_port=None):
-        lxd_net = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR")
-        if not lxd_net:
+        lxd_net = _lxd_net()
+        if lxd_net is None:
             return
-        lxd_net = ipaddress.ip_network(lxd_net)
         admin = n_context.get_admin_context()
         forwards = {f["floating_ip_address"]: f["fixed_ip_address"]
                     for f in self.get_floatingips(admin)
@@ -114,20 +111,32 @@ _SYNC_LOCK = threading.Lock()  # the API's threads: one sync at a time, one view
 _FORWARD_BODY = {"description": "Neutron floating IP (modelserve harness)", "ports": []}
 
 
-def _sync_forward(addr, have, target):
+def _lxd_net():
+    """The LXD host's floating-IP range (MODELSERVE_OS_LXD_FIP_CIDR), None when unset."""
+    cidr = os.environ.get("MODELSERVE_OS_LXD_FIP_CIDR")
+    return ipaddress.ip_network(cidr) if cidr else None
+
+
+def _set_forward(addr, have, target):
     """Make the forward of `addr` point at `target` (None: no forward) given that it now
-    points at `have` (None: absent); False (logged) when LXD disagrees, e.g. the forward was
-    changed behind our back: the caller then syncs them all."""
+    points at `have` (None: absent); one lxc call, none when they already agree. Raises
+    LxdError when LXD refuses (deleting a forward that is already gone is not refused)."""
     path = f"/1.0/networks/{lxdcli.bridge()}/forwards"
+    body = dict(_FORWARD_BODY, config={"target_address": target})
+    if target is None:
+        if have is not None:
+            lxdcli.query(f"{path}/{addr}", "DELETE", check=False)
+    elif have is None:
+        lxdcli.query(path, "POST", dict(body, listen_address=addr))
+    elif have != target:
+        lxdcli.query(f"{path}/{addr}", "PUT", body)
+
+
+def _sync_forward(addr, have, target):
+    """``_set_forward``; False (logged) when LXD disagrees, e.g. the forward was changed
+    behind our back: the caller then syncs them all."""
     try:
-        if target is None:
-            lxdcli.query(f"{path}/{addr}", "DELETE")
-        elif have is None:
-            lxdcli.query(path, "POST", dict(_FORWARD_BODY, listen_address=addr,
-                                            config={"target_address": target}))
-        else:
-            lxdcli.query(f"{path}/{addr}", "PUT", dict(_FORWARD_BODY,
-                                                        config={"target_address": target}))
+        _set_forward(addr, have, target)
         return True
     except Exception:  # noqa: BLE001 - the full sync that follows repairs it
         LOG.warning("could not update the LXD forward of %s; syncing them all", addr,
@@ -142,15 +151,10 @@ def _sync_forwards(lxd_net, wanted):
         have = {f["listen_address"]: (f.get("config") or {}).get("target_address")
                 for f in lxdcli.forwards()
                 if ipaddress.ip_address(f["listen_address"]) in lxd_net}
-        path = f"/1.0/networks/{lxdcli.bridge()}/forwards"
         for addr in set(have) - set(wanted):
-            lxdcli.query(f"{path}/{addr}", "DELETE", check=False)
+            _set_forward(addr, have[addr], None)
         for addr, target in wanted.items():
-            body = dict(_FORWARD_BODY, config={"target_address": target})
-            if addr not in have:
-                lxdcli.query(path, "POST", dict(body, listen_address=addr))
-            elif have[addr] != target:
-                lxdcli.query(f"{path}/{addr}", "PUT", body)
+            _set_forward(addr, have.get(addr), target)
         return True
     except Exception:  # noqa: BLE001 - the API answer stands; the next change re-syncs
         LOG.exception("could not sync the LXD forwards of the floating IPs")
