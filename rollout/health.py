@@ -213,7 +213,6 @@ class Probe:
     def __init__(self, address: str, *, port: int = APP_PORT, threads: int = 2,
                  max_requests: int = 20000, max_seconds: float = 120.0, pause: float = 0.02,
                  timeout: float = 5.0):
-        self.url = base_url(address, port)
         self._host, self._port = address, port
         self.timeout = timeout
         self.threads, self.max_requests, self.max_seconds = threads, max_requests, max_seconds
@@ -225,8 +224,8 @@ class Probe:
         self._t0 = 0.0
 
     def _send(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """One request on a new connection (``http.client``: a fifth of ``requests``' CPU per
-        request, which matters on a small machine where the probe shares the cores with the
+        """One request on a new connection (``http.client``: about a quarter of ``requests``'
+        CPU per request, which matters on a small machine where the probe shares the cores with the
         cloud API that is switching the floating IP)."""
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         try:
