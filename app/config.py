@@ -111,6 +111,7 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8080
     web_threads: int = 32
+    web_processes: int = 1
     worker_concurrency: int = 2
     max_batch_rows: int = 10_000
     max_body_bytes: int = 1024 * 1024
@@ -179,6 +180,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         host=src.get("MODELSERVE_HOST", "0.0.0.0"),
         port=_int(src, "MODELSERVE_PORT", 8080, 1, 65535),
         web_threads=_int(src, "MODELSERVE_WEB_THREADS", 32, 1, 512),
+        # waitress processes sharing the listening socket (app.serve.serve_processes): one
+        # process's GIL caps a front near 700 req/s on 2 cores; a deploy writes 2 for fronts
+        web_processes=_int(src, "MODELSERVE_WEB_PROCESSES", 1, 1, 16),
         worker_concurrency=_int(src, "MODELSERVE_WORKER_CONCURRENCY", os.cpu_count() or 2, 1, 256),
         max_batch_rows=_int(src, "MODELSERVE_MAX_BATCH_ROWS", 10_000, 1, 1_000_000),
         max_body_bytes=_int(src, "MODELSERVE_MAX_BODY_BYTES", 1024 * 1024, 1024, 1 << 30),

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, jsonify, render_template, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app import __version__, charts
@@ -196,7 +196,7 @@ def metrics():
     state = _state()
     depth = state["client"].queue_depth()
     state["metrics"].queue_depth.set(-1 if depth is None else depth)
-    return generate_latest(state["metrics"].registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+    return state["metrics"].exposition(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
 def _charts() -> charts.Charts:

@@ -5,7 +5,8 @@
 Servers, all up at once and measured in interleaved rounds (median kept), each serving the
 committed bundle (app/bundle) with the same request/response shape:
   modelserve   waitress → RabbitMQ → Celery worker → Redis, configured as the image's units
-               (image-scripts/files/modelserve-*.service Environment=, the seed's worker count)
+               (image-scripts/files/modelserve-*.service Environment=, the seed's worker and
+               web process counts)
   fastapi-1/2  FastAPI + uvicorn, 1 and 2 workers, one tf.function call per request
   bentoml      BentoML with adaptive batching (bench/peers/bentoml_service.py)
 Peers run from their own pinned venvs (bench/peers/requirements-*.txt, bench/peers/venvs.py).
@@ -50,11 +51,15 @@ def unit_env(unit: str) -> dict[str, str]:
     return env
 
 
-def deployed_worker_concurrency() -> int:
+def deployed(field: str) -> int:
     """What a deploy writes into instance.env (rollout/seed.py's SeedParams default)."""
     from rollout.seed import SeedParams
 
-    return SeedParams.__dataclass_fields__["worker_concurrency"].default
+    return SeedParams.__dataclass_fields__[field].default
+
+
+def deployed_worker_concurrency() -> int:
+    return deployed("worker_concurrency")
 
 
 def first_prediction(url: str, started: float, timeout: float = 180, proc=None) -> float:
@@ -80,7 +85,8 @@ def start_modelserve(base: Path, env: dict) -> tuple[list, str, float]:
     t0 = time.monotonic()
     worker = svc.start_worker(worker_env, base / "worker.log", concurrency=deployed_worker_concurrency())
     web = svc.spawn([sys.executable, "-m", "app.serve"], base / "web.log", cwd=ROOT,
-                    env={**web_env, "MODELSERVE_PORT": str(port), "MODELSERVE_HOST": "127.0.0.1"})
+                    env={**web_env, "MODELSERVE_PORT": str(port), "MODELSERVE_HOST": "127.0.0.1",
+                         "MODELSERVE_WEB_PROCESSES": str(deployed("web_processes"))})
     url = f"http://127.0.0.1:{port}"
     return [web, worker], url, first_prediction(url, t0, proc=web)
 
@@ -134,7 +140,8 @@ def main() -> int:
             "rounds": args.rounds, "duration_s": args.duration,
             "modelserve_config": {"web_env": unit_env("modelserve-web.service"),
                                   "worker_env": unit_env("modelserve-worker.service"),
-                                  "worker_concurrency": deployed_worker_concurrency()}}
+                                  "worker_concurrency": deployed_worker_concurrency(),
+                                  "web_processes": deployed("web_processes")}}
     procs: dict[str, list] = {}
     urls: dict[str, str] = {}
     cold: dict[str, float] = {}

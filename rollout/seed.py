@@ -79,6 +79,7 @@ class SeedParams:
     broker_bind: str = "127.0.0.1"  # a front with worker instances: 0.0.0.0 (TLS ports only)
     port: int = 8080
     worker_concurrency: int = 2
+    web_processes: int = 2  # a front's waitress processes (app.serve.serve_processes)
     #: a front with workers: the addresses allowed to reach its TLS ports (empty: not known
     #: beforehand on this cloud, the cloud's own filtering applies: ``any``)
     broker_peers: tuple[str, ...] = ()
@@ -150,6 +151,7 @@ class SeedParams:
             "MODELSERVE_BROKER_BIND": self.broker_bind,
             "MODELSERVE_PORT": str(self.port),
             "MODELSERVE_WORKER_CONCURRENCY": str(self.worker_concurrency),
+            "MODELSERVE_WEB_PROCESSES": str(self.web_processes),
         }
         if self.role not in ("front", "worker"):
             raise ValueError(f"seed: role must be front or worker, not {self.role!r}")

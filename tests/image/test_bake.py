@@ -193,6 +193,11 @@ def test_worker_role_serves_a_front(baked, launch):
                         timeout=30)
     assert status == 200, body
     assert body["predictions"][0]["probability"] == pytest.approx(sample["probability"], abs=1e-5)
+    # the seed's 2 web processes (app.serve.serve_processes) under the unit, one its main
+    main_pid = front.exec("systemctl", "show", "-P", "MainPID", "modelserve-web").strip()
+    pids = front.exec("pgrep", "-f", "-x", ".*python -m app.serve").split()
+    assert len(pids) == 2 and main_pid in pids, (main_pid, pids)
+    assert front.exec("pgrep", "-P", main_pid).split() == [p for p in pids if p != main_pid]
 
 
 def test_image_hygiene(baked, local_cloud, request):

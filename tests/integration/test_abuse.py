@@ -195,10 +195,12 @@ def _refused_at_connect(exc: BaseException) -> bool:
     return False
 
 
-def test_sigterm_drains_in_flight_requests(astack, holdout):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_drains_in_flight_requests(astack, holdout, processes):
     """SIGTERM while 6 clients keep requests in flight (a fresh connection each) and one request
     is half sent: the listener closes (new connections are refused), every request in flight
-    and the half-sent one are answered 200, and the process exits 0.
+    and the half-sent one are answered 200, and the process exits 0; with one web process
+    and with two.
 
     The clients stop starting new requests just before the signal: a connection the kernel
     completes in the instant between the server's last accept() and its close() is reset by
@@ -206,7 +208,10 @@ def test_sigterm_drains_in_flight_requests(astack, holdout):
     a client that kept connecting through the stop would be racing it."""
     instances, _ = holdout
     port = svc.free_port()
-    web = svc.start_web(astack.env, astack.base / "web-drain.log", port)
+    # 2: a front's web processes (app.serve.serve_processes); the signal reaches the parent
+    # only (the unit's KillMode=mixed), which passes it on
+    web = svc.start_web({**astack.env, "MODELSERVE_WEB_PROCESSES": str(processes)},
+                        astack.base / "web-drain.log", port)
     url = f"http://127.0.0.1:{port}"
     rows = json.dumps({"instances": [dict(i) for i in instances[:10]]})
     ok, dropped = [], []

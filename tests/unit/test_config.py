@@ -39,6 +39,8 @@ def test_instance_file_is_read_and_env_wins(tmp_path):
     ({"MODELSERVE_COLOUR": "red"}, "MODELSERVE_COLOUR"),
     ({"MODELSERVE_PREDICT_TIMEOUT": "0"}, "MODELSERVE_PREDICT_TIMEOUT"),
     ({"MODELSERVE_RELEASE": "a b"}, "MODELSERVE_RELEASE"),
+    ({"MODELSERVE_WEB_PROCESSES": "0"}, "MODELSERVE_WEB_PROCESSES"),
+    ({"MODELSERVE_WEB_PROCESSES": "17"}, "MODELSERVE_WEB_PROCESSES"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
@@ -96,3 +98,14 @@ def test_celery_verifies_tls_peers_against_the_ca_only(tmp_path):
     assert conf.redis_backend_use_ssl == {"ssl_ca_certs": str(ca),
                                           "ssl_cert_reqs": ssl.CERT_REQUIRED,
                                           "ssl_check_hostname": True}
+
+
+@pytest.mark.parametrize("processes, total, each", [(1, 2, 2), (2, 2, 1), (2, 5, 2), (3, 1, 1)])
+def test_web_processes_share_the_dispatch_threads(processes, total, each):
+    from app.serve import per_process
+
+    cfg = load_config({**BASE, "MODELSERVE_WEB_PROCESSES": str(processes),
+                       "MODELSERVE_DISPATCH_THREADS": str(total)})
+    assert cfg.web_processes == processes and cfg.dispatch_threads == total
+    assert per_process(cfg).dispatch_threads == each
+    assert load_config(BASE).web_processes == 1  # `make run`; a deploy's seed writes 2
