@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP_CACHE ?= /var/cache/modelserve/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 
-.PHONY: help setup venv run test test-unit test-integration bench bench-paths lint train
+.PHONY: help setup venv run test test-unit test-integration bench bench-variants bench-paths lint train
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
@@ -36,6 +36,9 @@ test-integration: setup ## app tests against real RabbitMQ/Redis/workers
 
 bench: setup ## modelserve as deployed vs FastAPI/uvicorn and BentoML (BENCH_ARGS=--quick for a smoke check)
 	$(PY) bench/peer_bench.py $(BENCH_ARGS)
+
+bench-variants: setup ## serving settings side by side, ratios to the first (BENCH_ARGS='--variant NAME:KEY=VALUE,...')
+	$(PY) bench/serve_variants.py $(BENCH_ARGS)
 
 bench-paths: setup ## app paths: broker vs in-process floor vs the seed's path
 	$(PY) bench/app_bench.py --out bench/results/paths.json
