@@ -287,7 +287,7 @@ def serve_processes(config, bundle) -> int:
         return 2
     metrics_dir = tempfile.mkdtemp(prefix="modelserve-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    children: dict[int, int] = {}
+    children: set[int] = set()
     state = {"stopping": False, "failed": False, "drain": None}
 
     def forward(*_args) -> None:
@@ -314,7 +314,7 @@ def serve_processes(config, bundle) -> int:
                 log.exception("web process %d failed", os.getpid())
             finally:
                 os._exit(code)
-        children[pid] = i
+        children.add(pid)
     for other in socks[1:]:
         other.close()
 
@@ -328,7 +328,8 @@ def serve_processes(config, bundle) -> int:
                 break
             if pid == 0:
                 break
-            if children.pop(pid, None) is not None:
+            if pid in children:
+                children.discard(pid)
                 log.error("web process %d exited (%s): stopping the front", pid,
                           _wait_text(status))
                 state["failed"] = True
@@ -355,7 +356,7 @@ def serve_processes(config, bundle) -> int:
                         not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0):
                     log.error("web process %d exited (%s)", pid, _wait_text(status))
                     state["failed"] = True
-            children.pop(pid, None)
+            children.discard(pid)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if state["failed"] else 0
 

@@ -58,9 +58,6 @@ def deployed(field: str) -> int:
     return SeedParams.__dataclass_fields__[field].default
 
 
-def deployed_worker_concurrency() -> int:
-    return deployed("worker_concurrency")
-
 
 def first_prediction(url: str, started: float, timeout: float = 180, proc=None) -> float:
     """Seconds from `started` until a POST of one patient answers 200."""
@@ -79,14 +76,18 @@ def first_prediction(url: str, started: float, timeout: float = 180, proc=None) 
 
 
 def start_modelserve(base: Path, env: dict) -> tuple[list, str, float]:
+    """Web and worker as the image's units and the seed run them; a worker count or web
+    process count in `env` (bench/serve_variants.py) wins over the seed's."""
     web_env = {**env, **unit_env("modelserve-web.service")}
     worker_env = {**env, **unit_env("modelserve-worker.service")}
     port = svc.free_port()
     t0 = time.monotonic()
-    worker = svc.start_worker(worker_env, base / "worker.log", concurrency=deployed_worker_concurrency())
+    worker = svc.start_worker(worker_env, base / "worker.log", concurrency=int(
+        env.get("MODELSERVE_WORKER_CONCURRENCY", deployed("worker_concurrency"))))
     web = svc.spawn([sys.executable, "-m", "app.serve"], base / "web.log", cwd=ROOT,
                     env={**web_env, "MODELSERVE_PORT": str(port), "MODELSERVE_HOST": "127.0.0.1",
-                         "MODELSERVE_WEB_PROCESSES": str(deployed("web_processes"))})
+                         "MODELSERVE_WEB_PROCESSES": env.get("MODELSERVE_WEB_PROCESSES",
+                                                             str(deployed("web_processes")))})
     url = f"http://127.0.0.1:{port}"
     return [web, worker], url, first_prediction(url, t0, proc=web)
 
@@ -140,7 +141,7 @@ def main() -> int:
             "rounds": args.rounds, "duration_s": args.duration,
             "modelserve_config": {"web_env": unit_env("modelserve-web.service"),
                                   "worker_env": unit_env("modelserve-worker.service"),
-                                  "worker_concurrency": deployed_worker_concurrency(),
+                                  "worker_concurrency": deployed("worker_concurrency"),
                                   "web_processes": deployed("web_processes")}}
     procs: dict[str, list] = {}
     urls: dict[str, str] = {}

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def start(name: str, settings: dict[str, str]) -> dict:
+    """One variant: its own broker (with its Erlang flags) and Redis, then modelserve as
+    `make bench` starts it, with the variant's app settings on top."""
     base = Path(tempfile.mkdtemp(prefix=f"modelserve-variant-{name}-"))
     base.chmod(0o755)
     broker = _Broker(base / "rabbitmq")
@@ -68,21 +70,9 @@ def start(name: str, settings: dict[str, str]) -> dict:
     broker.start()
     redis = svc.Redis(base / "redis").start()
     app = {k: v for k, v in settings.items() if k != ERL_KEY}
-    env = {**svc.app_env(broker, redis, MODELSERVE_RELEASE="bench"), **app}
-    worker_env = {**env, **pb.unit_env("modelserve-worker.service")}
-    port = svc.free_port()
-    t0 = time.monotonic()
-    worker = svc.start_worker(worker_env, base / "worker.log", concurrency=int(
-        app.get("MODELSERVE_WORKER_CONCURRENCY", pb.deployed("worker_concurrency"))))
-    web_env = {**env, **pb.unit_env("modelserve-web.service"), "MODELSERVE_PORT": str(port),
-               "MODELSERVE_HOST": "127.0.0.1",
-               "MODELSERVE_WEB_PROCESSES": app.get("MODELSERVE_WEB_PROCESSES",
-                                                   str(pb.deployed("web_processes")))}
-    web = svc.spawn([sys.executable, "-m", "app.serve"], base / "web.log", cwd=ROOT, env=web_env)
-    url = f"http://127.0.0.1:{port}"
-    out = {"broker": broker, "redis": redis, "procs": [web, worker], "url": url}
-    out["cold_start_s"] = pb.first_prediction(url, t0, proc=web)
-    return out
+    env = svc.app_env(broker, redis, MODELSERVE_RELEASE="bench", **app)
+    procs, url, cold = pb.start_modelserve(base, env)
+    return {"broker": broker, "redis": redis, "procs": procs, "url": url, "cold_start_s": cold}
 
 
 def main() -> int:
@@ -98,7 +88,7 @@ def main() -> int:
     if len(variants) < 2:
         raise SystemExit("bench: give at least two distinct --variant names")
     levels = [int(c) for c in args.levels.split(",")]
-    if not __import__("shutil").which("wrk"):
+    if not shutil.which("wrk"):
         raise SystemExit("bench: wrk is not installed (make setup installs it)")
     running: dict[str, dict] = {}
     runs: dict[str, dict[str, list[dict]]] = {name: {} for name in variants}
