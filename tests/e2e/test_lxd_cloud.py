@@ -158,12 +158,17 @@ def test_racing_floating_ip_creation_in_threads_leaves_one(cloud, env):
 
 
 CREATE_SCRIPT = """
-import sys, time
+import os, sys, time
 from rollout.clouds.lxd import LXDCloud
 from rollout.errors import Conflict, TransientCloudError
-env, start = sys.argv[1], float(sys.argv[2])
+env, gate, parties = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cloud = LXDCloud()
-time.sleep(max(0.0, start - time.time()))
+open(os.path.join(gate, str(os.getpid())), "w").close()  # imported, ready to race
+deadline = time.monotonic() + 120
+while len(os.listdir(gate)) < parties:  # start together, once every process is ready
+    if time.monotonic() > deadline:
+        sys.exit(f"only {len(os.listdir(gate))} of {parties} processes got ready in 120 s")
+    time.sleep(0.002)
 while True:
     try:
         print("won", cloud.create_floating_ip(env).address)
@@ -176,10 +181,11 @@ while True:
 """
 
 
-def test_racing_floating_ip_creation_in_two_processes_leaves_one(cloud, env):
-    start = str(time.time() + 3)  # both processes import, then start together
-    procs = [subprocess.Popen([PY, "-c", CREATE_SCRIPT, env, start], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def test_racing_floating_ip_creation_in_two_processes_leaves_one(cloud, env, tmp_path):
+    gate = tmp_path / "gate"  # each process marks itself ready here, then waits for the other
+    gate.mkdir()
+    procs = [subprocess.Popen([PY, "-c", CREATE_SCRIPT, env, str(gate), "2"], cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(2)]
     outs = []
     for p in procs:

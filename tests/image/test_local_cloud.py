@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.image.imgenv import ROOT
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.image
 PRIVATE = Path("/var/lib/lxd-mstest")
@@ -70,6 +71,14 @@ def address(name: str, timeout: float = 60) -> str:
     pytest.fail(f"{name} got no IPv4 address on the private bridge")
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def test_set_up_survives_a_killed_daemon_and_is_idempotent(private_lxd):
     first = up()
     assert "starting the LXD daemon" in first and "lxd init --preseed" in first
@@ -78,9 +87,11 @@ def test_set_up_survives_a_killed_daemon_and_is_idempotent(private_lxd):
 
     # what a killed session leaves: daemon and container init SIGKILLed, socket and bridge stale
     init_pid = json.loads(run("lxc", "query", "/1.0/instances/k1/state").stdout)["pid"]
-    os.kill(daemon_pid(), 9)
+    lxd_pid = daemon_pid()
+    os.kill(lxd_pid, 9)
     os.kill(init_pid, 9)
-    time.sleep(1)
+    wait_for(lambda: gone(lxd_pid) and gone(init_pid), 60,
+             f"the killed daemon (pid {lxd_pid}) and container init (pid {init_pid}) exiting")
     assert (PRIVATE / "unix.socket").exists()
 
     again = up()

@@ -23,6 +23,7 @@ from app.web import create_app
 from devtools import services as svc
 from tests.integration.stack import build_stack, teardown_stack
 from tests.integration.test_fuzz import NAMES, bad_bodies
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -155,6 +156,7 @@ def test_async_is_a_bounded_queue_503_when_full_and_tasks_expire(astack):
         args = astack.broker.rabbitmqctl("list_queues", "-p", "modelserve", "name", "arguments")
         assert "modelserve.async.v1" in args and "reject-publish" in args, args
         codes, accepted = [], []
+        filling = time.time()  # every task below expires after filling + EXPIRES (wall clock)
         with requests.Session() as s:
             for _ in range(QUEUE_MAX + 5):
                 r = s.post(astack.url + "/api/v1/predictions", params={"async": "true"},
@@ -169,9 +171,16 @@ def test_async_is_a_bounded_queue_503_when_full_and_tasks_expire(astack):
         assert "queue is full" in refused.json()["error"]["message"]
         # nobody started them: once expired they are reported so, not PENDING for an hour
         assert requests.get(astack.url + accepted[0], timeout=10).json()["state"] == "PENDING"
-        time.sleep(EXPIRES + EXPIRY_MARGIN + 0.5)
-        body = requests.get(astack.url + accepted[0], timeout=10).json()
+
+        def settled():
+            body = requests.get(astack.url + accepted[0], timeout=10).json()
+            return body if body["state"] != "PENDING" else None
+
+        body = wait_for(settled, EXPIRES + EXPIRY_MARGIN + 60,
+                        "the unstarted task being reported other than PENDING")
         assert body["state"] == "REVOKED" and "expired" in body["error"], body
+        # ... and only once past its expiry plus the margin (the app keeps expiries in ms)
+        assert time.time() >= filling + EXPIRES + EXPIRY_MARGIN - 0.001, body
     finally:
         astack.start_worker()
     astack.wait_ready()

@@ -8,6 +8,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.waiting import wait_for
+
 pytestmark = pytest.mark.integration
 
 
@@ -50,8 +52,16 @@ def test_unknown_task_id_is_404(stack):
 
 
 def test_readyz_names_every_check(stack, bundle):
-    time.sleep(2.1)  # past the readiness cache
-    body = requests.get(stack.url + "/readyz", timeout=15).json()
+    last: list = [None]
+
+    def fresh_ready():
+        # for 2 s after a passing check /readyz answers {"status": "ready", "cached": true}
+        r = requests.get(stack.url + "/readyz", timeout=15)
+        last[0] = (r.status_code, r.json())
+        return last[0][1] if r.status_code == 200 and not last[0][1].get("cached") else None
+
+    body = wait_for(fresh_ready, 60, "/readyz answering 200 from its checks (not its cache)",
+                    interval=0.3, detail=lambda: f"last answer {last[0]}")
     assert body["status"] == "ready"
     assert set(body["checks"]) == {"broker", "workers", "model", "smoke_prediction"}
     assert bundle.sha256[:12] in body["checks"]["model"]
