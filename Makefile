@@ -44,7 +44,10 @@ bench-paths: setup ## app paths: broker vs in-process floor vs the seed's path
 	$(PY) bench/app_bench.py --out bench/results/paths.json
 
 TEST_TIERS ?= tests/unit tests/integration
-test: setup ## the whole suite, services included
-	$(PY) -m pytest --durations=25 $(TEST_TIERS)
+# Tiers that run in a lane of their own, beside the others (devtools/test_lanes.py); empty:
+# everything in one pytest, one tier after another.
+TEST_ALONE ?= tests/openstack
+test: setup ## the whole suite, services included (the OpenStack tier beside the others)
+	$(PY) -m devtools.test_lanes $(foreach t,$(TEST_ALONE),--alone $(t)) $(TEST_TIERS)
 
 -include mk/*.mk

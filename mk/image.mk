@@ -9,6 +9,8 @@ RELEASE ?= $(shell date -u +r%Y%m%d-%H%M)-$(shell git rev-parse --short=7 HEAD 2
 RELEASE := $(RELEASE)
 
 TEST_TIERS += tests/image
+# LXD up before the lanes start: the image, e2e and OpenStack tiers all use it, side by side
+test: local-cloud
 
 local-cloud: ## LXD daemon, storage pool, msbr0 NAT bridge, Debian 12 base image (idempotent)
 	localcloud/lxd/up.sh

@@ -63,6 +63,13 @@ def _bridge() -> str:
     return os.environ.get("MODELSERVE_LXD_BRIDGE", "msbr0")
 
 
+def _harness_bridge() -> str:
+    """The OpenStack harness's bridge (localcloud/openstack/config.py LXD_BRIDGE): its data
+    plane, made and removed by the harness (the OpenStack tier, which may run beside this
+    session, checks its own leftovers), so neither it nor its forwards are the user's."""
+    return os.environ.get("MODELSERVE_OS_LXD_BRIDGE", "msosbr0")
+
+
 def snapshot() -> dict[str, dict]:
     """The default project's state, as {kind: {key: value}} (comparable with ==)."""
     images = {}
@@ -78,7 +85,7 @@ def snapshot() -> dict[str, dict]:
                 for p in _query("/1.0/profiles?project=default&recursion=1") or []}
     networks, forwards = {}, {}
     for net in _query("/1.0/networks?project=default&recursion=1") or []:
-        if not net.get("managed"):
+        if not net.get("managed") or net["name"] == _harness_bridge():
             continue
         if net["name"] != _bridge():  # up.sh's bridge: created/configured by the set-up
             networks[net["name"]] = {"type": net.get("type"), "config": net.get("config")}

@@ -88,3 +88,26 @@ def test_unarmed_without_an_lxd_tier(lxd, monkeypatch):
                              get_closest_marker=lambda m: None)]
     lxd_guard.pytest_collection_modifyitems(None, None, items)
     assert lxd_guard._state["before"] is None
+
+
+def test_the_openstack_harness_bridge_coming_and_going_is_not_a_leftover(lxd):
+    """The OpenStack tier may run beside this session: its harness makes its bridge, floating
+    IPs on it (forwards) and removes them all, at any time; none of it is the user's."""
+    before = lxd_guard.snapshot()
+    lxd["/1.0/networks?project=default&recursion=1"].append(
+        {"name": lxd_guard._harness_bridge(), "managed": True, "type": "bridge",
+         "config": {"ipv4.address": "10.88.42.1/24"}})
+    lxd[f"/1.0/networks/{lxd_guard._harness_bridge()}/forwards?recursion=1"] = [
+        {"listen_address": "10.88.43.5", "config": {}}]
+    assert lxd_guard.diff(before, lxd_guard.snapshot()) == []
+    # any other new bridge still is
+    lxd["/1.0/networks?project=default&recursion=1"].append(
+        {"name": "userbr1", "managed": True, "type": "bridge", "config": {}})
+    lxd["/1.0/networks/userbr1/forwards?recursion=1"] = []
+    assert "networks userbr1: added" in "\n".join(lxd_guard.diff(before, lxd_guard.snapshot()))
+
+
+def test_the_harness_bridge_name_is_the_harness_configs():
+    from localcloud.openstack import config
+
+    assert lxd_guard._harness_bridge() == config.LXD_BRIDGE
