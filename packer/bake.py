@@ -46,6 +46,7 @@ from app.release_id import is_release_id  # noqa: E402
 SCRIPTS = ROOT / "image-scripts"
 CACHE = Path(os.environ.get("MODELSERVE_CACHE", "/var/cache/modelserve"))
 WHEELHOUSE = CACHE / "wheelhouse"
+MANIFEST = PACKER_DIR / "manifest.json"  # every release bake's artifact (record_manifest)
 BASE_ALIAS = os.environ.get("MODELSERVE_BASE_ALIAS", "modelserve-base-debian12")
 BRIDGE = os.environ.get("MODELSERVE_LXD_BRIDGE", "msbr0")
 POOL = os.environ.get("MODELSERVE_LXD_POOL", "default")
@@ -575,6 +576,23 @@ def packer_build(only: str, variables: dict[str, str], var_file: Path, manifest:
     return str(last[-1]["artifact_id"])
 
 
+def record_manifest(run: Path) -> None:
+    """Add one bake's manifest (its own file, so that bakes side by side each read back their
+    own artifact) to packer/manifest.json, the record of what was built, under a lock."""
+    into = MANIFEST
+    with file_lock("modelserve-packer-manifest"):
+        try:
+            data = json.loads(into.read_text())
+        except (OSError, ValueError):
+            data = {}
+        new = json.loads(run.read_text())
+        data["builds"] = list(data.get("builds") or []) + list(new.get("builds") or [])
+        data["last_run_uuid"] = new.get("last_run_uuid")
+        tmp = into.with_name(f".{into.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, into)
+
+
 def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
     """Deps layer (reused when unchanged) then the release layer, on the local LXD cloud."""
     image = f"modelserve-{release}"
@@ -630,13 +648,14 @@ def bake_lxd(args, release: str, prov: dict[str, str], work: Path) -> dict:
     log(f"baking release layer {image} on {deps_alias}")
     remove_container(f"packer-{image}")
     inputs = prepare_inputs(work / "release", extra_ca, True, args.scripts_dir, args.src)
-    manifest = PACKER_DIR / "manifest.json"
+    manifest = work / "manifest-release.json"
     try:
         fingerprint = packer_build("lxd.modelserve", {
             **common, "layer": "release", "lxd_source_image": deps_alias,
             "inputs_tarball": str(inputs)}, var_file, manifest)
     finally:
         remove_container(f"packer-{image}")  # packer removes it; make sure, even on Ctrl-C
+    record_manifest(manifest)
     result["release_seconds"] = round(time.monotonic() - t0, 1)
     result["warm_seconds"] = warm_on_cow_pool(image)
     result["fingerprint"] = fingerprint
@@ -745,7 +764,8 @@ def bake_openstack(args, release: str, prov: dict[str, str], work: Path) -> dict
     image_id = packer_build("openstack.modelserve", {
         **common, "layer": "release", "os_source_image_name": deps_name,
         "os_source_image_visibility": deps.visibility, "inputs_tarball": str(inputs)},
-        var_file, PACKER_DIR / "manifest.json")
+        var_file, work / "manifest-release.json")
+    record_manifest(work / "manifest-release.json")
     result["release_seconds"] = round(time.monotonic() - t0, 1)
     result["fingerprint"] = result["image_id"] = image_id
     result["size_bytes"] = conn.image.get_image(image_id).size

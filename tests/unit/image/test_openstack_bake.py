@@ -6,6 +6,7 @@ baked by Packer from the deps image; the key follows the base image."""
 from __future__ import annotations
 
 import argparse
+import json
 import types
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def bake(monkeypatch, tmp_path):
 
     def packer_build(only, variables, var_file, manifest):
         builds.append((only, dict(variables)))
+        run = f"run-{len(builds)}"  # what Packer's manifest post-processor writes
+        manifest.write_text(json.dumps({"builds": [{"artifact_id": f"x-{len(builds)}",
+                                                    "packer_run_uuid": run}],
+                                        "last_run_uuid": run}))
         if variables["layer"] == "deps":
             glance.append(image(variables["lxd_output_image"], f"deps-{len(builds)}",
                                 "private", modelserve_deps_key=variables["deps_key"]))
@@ -60,6 +65,7 @@ def bake(monkeypatch, tmp_path):
         return f"rel-{len(builds)}"
 
     monkeypatch.setattr(mod, "packer_build", packer_build)
+    monkeypatch.setattr(mod, "MANIFEST", tmp_path / "manifest.json")
     return mod, glance, builds
 
 
@@ -136,3 +142,17 @@ def test_openstack_bakes_debian_with_its_login_user_in_every_env():
         (ROOT / "packer" / "sources.pkr.hcl").read_text()
     assert "ubuntu" not in hcl.replace("Ubuntu: ubuntu", "")
     assert mod.pkrvar(Path(ROOT / "packer/env/ci.pkrvars.hcl"), "os_flavor", "") == "ms.lxd"
+
+
+def test_each_bake_reads_its_own_manifest_and_all_are_recorded(bake, tmp_path):
+    """Bakes side by side (the OpenStack tier beside the LXD tiers) each get Packer's manifest
+    in a file of their own (their work dir), and packer/manifest.json records every one."""
+    mod, glance, builds = bake
+    for release in ("r1", "r2"):
+        work = tmp_path / release
+        work.mkdir()
+        mod.bake_openstack(args(tmp_path), release, PROV, work)
+        assert json.loads((work / "manifest-release.json").read_text())["builds"]
+    recorded = json.loads((tmp_path / "manifest.json").read_text())
+    assert [b["artifact_id"] for b in recorded["builds"]] == ["x-2", "x-3"]  # both releases
+    assert recorded["last_run_uuid"] == "run-3"
