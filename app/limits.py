@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +20,6 @@ import numpy as np
 
 from app.dispatch import Unavailable
 
-# A JSON string token (JSON's only use of '"'); the unrolled form keeps `re` linear and fast.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _DELTA = np.zeros(256, dtype=np.int8)
 _DELTA[[ord("["), ord("{")]] = 1
 _DELTA[[ord("]"), ord("}")]] = -1
@@ -56,33 +53,84 @@ def prescan(body: bytes, chunk: int = 1 << 16) -> Shape:
     """Nesting depth, an upper bound on the number of JSON values, and the number of members of
     the containers two levels deep (the rows of {"instances": [...]}), in one linear pass.
 
-    Strings are blanked first so brackets and commas inside them do not count. For a body that
-    is not valid JSON the figures are approximate; json.loads still has the last word. Works
-    through the body `chunk` bytes at a time, so its scratch memory stays ~7 bytes per chunk
-    byte (about 0.5 MiB) whatever the body's size."""
-    if b"\\" in body:  # escapes: blank the strings with a regex
-        body = _STRING.sub(b'""', body)
+    Brackets and commas inside strings do not count: a '"' delimits a string unless an odd run
+    of backslashes precedes it (an escaped quote), and a byte is inside a string iff an odd
+    number of delimiting quotes precede it. No regex, nothing that backtracks: a fixed number
+    of NumPy passes over the bytes, whatever they are. For a body that is not valid JSON the
+    figures are approximate; json.loads still has the last word. Works through the body
+    `chunk` bytes at a time, carrying the backslash-run parity, quote parity and depth from one
+    chunk to the next, so its scratch memory stays ~7 bytes per chunk byte (about 0.5 MiB)
+    whatever the body's size."""
     view = memoryview(body)
-    level = quotes = deepest = values = rows = 0
+    state = _ScanState()
     for start in range(0, len(body), chunk):
-        raw = np.frombuffer(view[start:start + chunk], dtype=np.uint8)
-        # no escapes left: a byte is inside a string iff an odd number of quotes precede it
-        q = np.cumsum(raw == ord('"'), dtype=np.int32)
-        outside = ((q + quotes) & 1) == 0
-        quotes += int(q[-1])
-        delta = _DELTA[raw] * outside
-        depth = np.cumsum(delta, dtype=np.int32)
-        depth += level
-        level = int(depth[-1])
-        deepest = max(deepest, int(depth.max()))
-        commas = (raw == ord(",")) & outside
-        opens = delta == 1
-        # commas + containers bound the values (each value is followed by a comma or a closer)
-        values += int(np.count_nonzero(commas)) + int(np.count_nonzero(opens))
-        # members of the containers opened at depth 2: their commas plus one per container
-        at2 = depth == 2
-        rows += int(np.count_nonzero(commas & at2)) + int(np.count_nonzero(opens & at2))
-    return Shape(deepest, values + 1 if body else 0, rows)
+        _scan_chunk(np.frombuffer(view[start:start + chunk], dtype=np.uint8), state)
+    return Shape(state.deepest, state.values + 1 if body else 0, state.rows)
+
+
+@dataclass
+class _ScanState:
+    """What prescan carries from one chunk to the next."""
+
+    odd_run: int = 0  # 1 if the bytes so far end in an odd run of backslashes
+    quotes: int = 0  # delimiting quotes so far
+    level: int = 0  # nesting depth at the end of the bytes so far
+    deepest: int = 0
+    values: int = 0
+    rows: int = 0
+
+
+def _scan_chunk(raw: np.ndarray, st: _ScanState) -> None:
+    """One chunk of prescan. Its arrays are one byte per chunk byte, or four for the one int32
+    buffer, filled in place (NumPy's casting cumsum would copy): ~7 bytes per byte at most."""
+    is_quote = raw == ord('"')
+    is_bs = raw == ord("\\")
+    if st.odd_run or is_bs.any():  # some quote may be escaped
+        # run[i]: the parity of the run of backslashes ending at byte i (0 if i is not one),
+        # i.e. of i - (the index of the last non-backslash at or before i); -1 - odd_run stands
+        # for the last one before the chunk
+        run = np.arange(len(raw), dtype=np.int32)
+        run[is_bs] = -1 - st.odd_run
+        del is_bs
+        np.maximum.accumulate(run, out=run)
+        run &= 1  # parity(i - j) == parity(i) ^ parity(j), in two's complement too
+        run[1::2] ^= 1
+        # a quote after an odd run of backslashes is escaped: not a delimiter
+        np.logical_and(is_quote[1:], run[:-1] == 0, out=is_quote[1:])
+        is_quote[0] &= not st.odd_run
+        st.odd_run = int(run[-1])
+        del run
+    else:
+        del is_bs
+    # a byte is inside a string iff an odd number of delimiting quotes precede it
+    acc = is_quote.astype(np.int32)
+    del is_quote
+    np.add.accumulate(acc, out=acc)
+    quotes = st.quotes
+    st.quotes += int(acc[-1])
+    acc += quotes & 1
+    acc &= 1
+    outside = acc == 0
+    delta = _DELTA[raw]
+    delta *= outside
+    commas = raw == ord(",")
+    commas &= outside
+    del outside
+    depth = acc
+    depth[...] = delta
+    np.add.accumulate(depth, out=depth)
+    depth += st.level
+    st.level = int(depth[-1])
+    st.deepest = max(st.deepest, int(depth.max()))
+    opens = delta == 1
+    del delta
+    # commas + containers bound the values (each value is followed by a comma or a closer)
+    st.values += int(np.count_nonzero(commas)) + int(np.count_nonzero(opens))
+    # members of the containers opened at depth 2: their commas plus one per container
+    at2 = depth == 2
+    commas &= at2
+    opens &= at2
+    st.rows += int(np.count_nonzero(commas)) + int(np.count_nonzero(opens))
 
 
 class ByteBudget:
