@@ -1,4 +1,13 @@
-"""The web process's side of the broker: batched predictions, async tasks, readiness probes."""
+"""The web process's side of the broker: batched predictions, async tasks, readiness probes.
+
+Diagnostics (broker check, worker ping and identity broadcast, queue depth) go over one broker
+connection of their own, one at a time (a lock taken with a timeout: a caller that cannot get
+it in time gets Unavailable), never through Celery's connection and producer pools. A Celery
+broadcast takes a connection from the app's bounded pool and kombu's mailbox then asks the
+producer pool, backed by the same connections, for another: with as many concurrent broadcasts
+as pool slots nobody could go on and the web process wedged for good. Here no
+diagnostic acquires anything from a shared pool, whatever the number of threads calling.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +23,9 @@ from amqp.exceptions import MessageNacked
 from celery import states
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu import Producer
 from kombu.exceptions import OperationalError
+from kombu.pidbox import Mailbox
 
 from app.celery_app import ASYNC_QUEUE, PREDICT_TASK, QUEUE, make_celery, waiting
 from app.codec import pack, unpack
@@ -35,6 +46,13 @@ try:  # redis is a dependency of the result backend
     _TRANSPORT_ERRORS += (redis.exceptions.RedisError,)
 except ImportError:  # pragma: no cover
     pass
+
+
+# How long a diagnostic waits for the diagnostics connection (another one holds it) before it
+# gives up with Unavailable; and the bounds of one diagnostic's broker I/O on it.
+DIAGNOSTIC_WAIT = 3.0
+DIAGNOSTIC_CONNECT_TIMEOUT = 2.0
+DIAGNOSTIC_IO_TIMEOUT = 5.0
 
 
 class QueueFull(Unavailable):
@@ -63,6 +81,36 @@ class _AsyncSlot:
                 pass
 
 
+class _OnceProducer(Producer):
+    """A producer whose publish never enters kombu's reconnect loop: without a retry policy
+    (the mailbox passes none) `retry=True` retries a lost connection forever. A diagnostic
+    that meets a broken connection fails now; the next one reconnects."""
+
+    def publish(self, body, *args, **kwargs):
+        kwargs["retry"] = False
+        return super().publish(body, *args, **kwargs)
+
+
+class _OwnConnectionMailbox(Mailbox):
+    """Celery's control mailbox publishing on the channel of the connection it is bound to,
+    never with a producer from the app's pool (kombu's Mailbox takes one from
+    `producer_pool` even when the broadcast was given its own connection)."""
+
+    @contextmanager
+    def producer_or_acquire(self, producer=None, channel=None):
+        yield producer or _OnceProducer(channel, auto_declare=False)
+
+    @classmethod
+    def like(cls, mailbox: Mailbox) -> _OwnConnectionMailbox:
+        """This class with `mailbox`'s exchange, serializer and queue settings, no pool."""
+        return cls(mailbox.namespace, type=mailbox.type, accept=mailbox.accept,
+                   serializer=mailbox.serializer, producer_pool=None,
+                   queue_ttl=mailbox.queue_ttl, queue_expires=mailbox.queue_expires,
+                   queue_durable=mailbox.queue_durable, queue_exclusive=mailbox.queue_exclusive,
+                   reply_queue_ttl=mailbox.reply_queue_ttl,
+                   reply_queue_expires=mailbox.reply_queue_expires)
+
+
 class BrokerClient:
     """Publishes prediction tasks and reads their results; maps transport errors to 503s."""
 
@@ -80,12 +128,30 @@ class BrokerClient:
         for _ in range(config.async_inflight):
             self._async_slots.put(_AsyncSlot())
         self._held = threading.local()
+        # diagnostics: one connection of their own, one diagnostic at a time
+        self._diag_lock = threading.Lock()
+        self._diag_conn: Any = None
+        self._mailbox = _OwnConnectionMailbox.like(self.celery.control.mailbox)
+        self._close_hooks: list[Callable[[], None]] = []
         self.dispatcher = Dispatcher(self._send_and_wait, threads=config.dispatch_threads,
                                      batch_rows=max(config.batch_rows, 1), observe=observe)
 
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Run `hook` first when the client closes (the diagnostics refresher's stop)."""
+        self._close_hooks.append(hook)
+
     def close(self) -> None:
         """Stop the dispatcher and close broker and result-store connections."""
+        for hook in self._close_hooks:
+            hook()
+        self._close_hooks.clear()
         self.dispatcher.close()
+        held = self._diag_lock.acquire(timeout=DIAGNOSTIC_WAIT)
+        try:
+            self._drop_diag_conn(graceful=held)
+        finally:
+            if held:
+                self._diag_lock.release()
         while True:
             try:
                 self._async_slots.get_nowait().reset()
@@ -97,9 +163,12 @@ class BrokerClient:
         self.results.client.close()
         self.results.client.connection_pool.disconnect()
 
-    def predict(self, rows: list[list[float]]) -> tuple[list[float], str]:
-        """Synchronous, micro-batched prediction within the configured timeout."""
-        return self.dispatcher.predict(rows, self.config.predict_timeout)
+    def predict(self, rows: list[list[float]],
+                timeout: float | None = None) -> tuple[list[float], str]:
+        """Synchronous, micro-batched prediction within `timeout` (default: the configured
+        one; the readiness smoke prediction passes a shorter one)."""
+        return self.dispatcher.predict(
+            rows, self.config.predict_timeout if timeout is None else timeout)
 
     def _send_and_wait(self, rows: list[list[float]], timeout: float) -> tuple[list[float], str]:
         try:
@@ -204,42 +273,89 @@ class BrokerClient:
             out["error"] = f"{type(meta['result']).__name__}: {meta['result']}"
         return out
 
-    def check_broker(self) -> None:
-        """Raise Unavailable unless a broker connection can be made now."""
-        try:
-            with self.celery.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=2)
-        except _TRANSPORT_ERRORS as exc:
-            raise Unavailable(f"broker unreachable: {exc}") from None
+    # --- diagnostics: on their own connection, one at a time, each bounded -------------------
 
-    def check_workers(self, timeout: float = 1.0) -> int:
-        """Number of workers answering a ping; raise Unavailable if none."""
+    @contextmanager
+    def _diagnostic(self, wait: float = DIAGNOSTIC_WAIT) -> Iterator[Any]:
+        """The diagnostics connection (connected), held for the block; Unavailable when another
+        diagnostic holds it for more than `wait` seconds or the broker cannot be reached. A
+        connection that failed is dropped: the next diagnostic opens a fresh one."""
+        if not self._diag_lock.acquire(timeout=wait):
+            raise Unavailable(f"another broker diagnostic is in progress (waited {wait:g}s)")
         try:
-            replies = self.celery.control.ping(timeout=timeout)
-        except _TRANSPORT_ERRORS as exc:
-            raise Unavailable(f"broker unreachable: {exc}") from None
+            if self._diag_conn is None:
+                # read/write timeouts: no broker round trip of a diagnostic waits forever
+                self._diag_conn = self.celery.connection_for_write(
+                    connect_timeout=DIAGNOSTIC_CONNECT_TIMEOUT,
+                    transport_options={"confirm_publish": False,
+                                       "read_timeout": DIAGNOSTIC_IO_TIMEOUT,
+                                       "write_timeout": DIAGNOSTIC_IO_TIMEOUT})
+            conn = self._diag_conn
+            errors = (*_TRANSPORT_ERRORS, *conn.connection_errors, *conn.channel_errors)
+            try:
+                conn.ensure_connection(max_retries=1, timeout=DIAGNOSTIC_CONNECT_TIMEOUT)
+                yield conn
+            except errors as exc:
+                self._drop_diag_conn(graceful=False)
+                raise Unavailable(f"broker unreachable: {exc}") from None
+        finally:
+            self._diag_lock.release()
+
+    def _drop_diag_conn(self, graceful: bool) -> None:
+        conn, self._diag_conn = self._diag_conn, None
+        if conn is None:
+            return
+        try:
+            # graceful: close handshake (bounded by the I/O timeouts); else drop the socket
+            conn.release() if graceful else conn.collect()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+
+    def _broadcast(self, command: str, timeout: float, wait: float) -> list[dict[str, Any]]:
+        """Replies to a control `command` broadcast to every worker, collected for `timeout`
+        seconds, on the diagnostics connection (Celery's ``control.broadcast`` without its
+        pools)."""
+        with self._diagnostic(wait) as conn:
+            try:
+                return self._mailbox(conn).multi_call(command, {}, timeout=timeout) or []
+            finally:
+                self._mailbox.unclaimed.clear()  # late replies to earlier calls: nobody waits
+
+    def check_broker(self, wait: float = DIAGNOSTIC_WAIT) -> None:
+        """Raise Unavailable unless the broker answers a round trip now (within about 2 s)."""
+        with self._diagnostic(wait) as conn:
+            # a passive declare of a built-in exchange: a round trip that changes nothing
+            conn.default_channel.exchange_declare("amq.direct", "direct", passive=True)
+
+    def check_workers(self, timeout: float = 1.0, wait: float = DIAGNOSTIC_WAIT) -> int:
+        """Number of workers answering a ping; raise Unavailable if none."""
+        replies = self._broadcast("ping", timeout, wait)
         if not replies:
             raise Unavailable(f"no worker answered a ping within {timeout:.1f}s")
         return len(replies)
 
-    def workers(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+    def workers(self, timeout: float = 1.0, wait: float = DIAGNOSTIC_WAIT) -> list[dict[str, Any]]:
         """Every worker that answers the ``modelserve_model`` broadcast within ``timeout``:
         ``{"node", "instance", "role", "model_sha256"}`` (sha None when it cannot say)."""
         from app.worker import IDENTITY_COMMAND
 
-        try:
-            replies = self.celery.control.broadcast(IDENTITY_COMMAND, reply=True,
-                                                    timeout=timeout)
-        except _TRANSPORT_ERRORS as exc:
-            raise Unavailable(f"broker unreachable: {exc}") from None
-        return workers_from_replies(replies)
+        return workers_from_replies(self._broadcast(IDENTITY_COMMAND, timeout, wait))
 
-    def queue_depth(self) -> int | None:
+    def queue_depth(self, wait: float = DIAGNOSTIC_WAIT) -> int | None:
         """Messages waiting in the predict queue (None if the broker cannot say now)."""
         try:
-            with self.celery.connection_for_read() as conn:
-                conn.ensure_connection(max_retries=1, timeout=1)
-                declared = conn.default_channel.queue_declare(QUEUE, passive=True)
+            with self._diagnostic(wait) as conn:
+                # its own channel: a queue not declared yet fails that channel only
+                channel = conn.channel()
+                try:
+                    declared = channel.queue_declare(QUEUE, passive=True)
+                except conn.channel_errors:
+                    return None  # no such queue yet (no worker or publisher declared it)
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:  # noqa: BLE001 - the broker closed it already
+                        pass
                 return int(declared.message_count)
         except Exception:  # a metric must never fail the scrape
             return None

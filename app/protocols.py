@@ -74,7 +74,7 @@ def _bundle_for(name: str, version: str | None = None) -> Bundle:
 
 
 def _ready() -> tuple[bool, int]:
-    """The /readyz checks (same code, same 2 s cache): (ready, HTTP status)."""
+    """The /readyz answer (same code, same diagnostics snapshot): (ready, HTTP status)."""
     from app import web  # web imports this module in create_app; import here, not at load
 
     out = web.readyz()

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from app import __version__, charts
 from app.bundle import Bundle, load_bundle
 from app.config import Config, load_config
+from app.diagnostics import Diagnostics
 from app.dispatch import Unavailable
 from app.identity import IDENTITY_KEYS, read_release_file
 from app.limits import AsyncBusy, ByteBudget
@@ -25,7 +26,6 @@ from app.protocols import register_protocols
 from app.schema import ValidationError, parse_json, validate_instances
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-READY_CACHE_SECONDS = 2.0
 
 api = Blueprint("api", __name__)
 pages = Blueprint("pages", __name__)
@@ -125,37 +125,11 @@ def healthz():
 
 @api.get("/readyz")
 def readyz():
-    """Broker reachable, a worker answers, the model is loaded and a smoke prediction is right."""
-    state = _state()
-    cached = state.get("ready_until", 0.0)
-    if cached > time.monotonic():
-        return jsonify({"status": "ready", "cached": True})
-    client, bundle = state["client"], state["bundle"]
-    sample = bundle.metadata["holdout_sample"][0]
-    row = [float(sample["features"][n]) for n in bundle.feature_names]
-    checks: dict[str, str] = {}
-    try:
-        check = "broker"
-        client.check_broker()
-        checks[check] = "ok"
-        check = "workers"
-        checks[check] = f"{client.check_workers()} answering"
-        check = "model"
-        probabilities, sha256 = client.predict([row])
-        if sha256 != bundle.sha256:
-            raise Unavailable(f"workers serve model {sha256[:12]}, this release ships "
-                              f"{bundle.sha256[:12]}")
-        checks[check] = f"sha256 {sha256[:12]} loaded"
-        check = "smoke_prediction"
-        if abs(probabilities[0] - sample["probability"]) > 1e-4:
-            raise Unavailable(f"smoke prediction {probabilities[0]:.6f} != bundle's "
-                              f"{sample['probability']:.6f}")
-        checks[check] = "ok"
-    except Unavailable as exc:
-        checks[check] = str(exc)
-        return jsonify({"status": "unavailable", "failed": check, "checks": checks}), 503
-    state["ready_until"] = time.monotonic() + READY_CACHE_SECONDS
-    return jsonify({"status": "ready", "checks": checks})
+    """Broker reachable, a worker answers, the model is loaded and a smoke prediction is right:
+    as the diagnostics snapshot last saw it (app.diagnostics; `age_s`: its age). Never talks
+    to the broker itself; a snapshot too old (the refresher stuck) fails as "snapshot"."""
+    body, status = _state()["diagnostics"].readiness()
+    return jsonify(body), status
 
 
 @api.get("/version")
@@ -184,17 +158,18 @@ def version():
 @api.get("/api/v1/workers")
 def workers():
     """The Celery workers on this front's broker that answer now, each with the model sha256
-    it serves (hostnames and hashes only; no credentials). 503 when the broker is down."""
+    it serves (hostnames and hashes only; no credentials), from the diagnostics snapshot
+    (`age_s`: its age). 503 when its last refresh could not reach them (broker down)."""
     state = _state()
-    found = state["client"].workers()
-    return jsonify({"model_sha256": state["bundle"].sha256, "workers": found})
+    found, age = state["diagnostics"].workers()  # Unavailable: 503 (the error handler)
+    return jsonify({"model_sha256": state["bundle"].sha256, "workers": found, "age_s": age})
 
 
 @api.get("/metrics")
 def metrics():
     """Prometheus exposition."""
     state = _state()
-    depth = state["client"].queue_depth()
+    depth = state["diagnostics"].queue_depth()  # the snapshot's; -1 when unknown
     state["metrics"].queue_depth.set(-1 if depth is None else depth)
     return state["metrics"].exposition(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
@@ -263,6 +238,9 @@ def create_app(config: Config | None = None, bundle: Bundle | None = None,
     app.extensions["modelserve"] = {"config": config, "bundle": bundle, "client": client,
                                     "metrics": metrics_,
                                     "parse_budget": ByteBudget(config.parse_bytes),
+                                    # one refresher thread per app (= per web process),
+                                    # started by the first diagnostic request
+                                    "diagnostics": Diagnostics(client, bundle),
                                     "image": read_release_file(config.release_file)}
     app.register_blueprint(api)
     app.register_blueprint(pages)

@@ -51,8 +51,9 @@ def readyz(stack) -> tuple[int, dict]:
 
 
 def wait_readyz_fails(stack, check: str, timeout: float = 60) -> dict:
-    """Poll /readyz until it reports ``check`` failing (503): for 2 s after a passing check it
-    answers from its cache (app.web.READY_CACHE_SECONDS), and a loaded machine may take longer."""
+    """Poll /readyz until it reports ``check`` failing (503): it answers from the diagnostics
+    snapshot (app.diagnostics), refreshed about every second, and a loaded machine may take
+    longer."""
     last: list = [None]
 
     def failing():

@@ -37,7 +37,7 @@ class FakeBroker:
         if self.down:
             raise Unavailable("no worker answered within 5.0s")
 
-    def predict(self, rows):
+    def predict(self, rows, timeout=None):
         self._check()
         self.sent.append(rows)
         return [self.known.get(tuple(r), r[1] / 300) for r in rows], self.sha
@@ -48,6 +48,10 @@ class FakeBroker:
     def check_workers(self):
         self._check()
         return 1
+
+    def workers(self):
+        self._check()
+        return [{"node": "w@1", "instance": "1", "role": "worker", "model_sha256": self.sha}]
 
     def queue_depth(self):
         return None

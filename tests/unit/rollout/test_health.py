@@ -189,11 +189,16 @@ def test_front_without_the_endpoint_or_broker():
 
 # -- both against the real Flask app ----------------------------------------------------------
 class StubClient:
-    def __init__(self, sha: str, workers: list[dict]):
-        self.sha, self._workers = sha, workers
+    """0.25 for any row but the bundle's smoke row (its own probability: /readyz passes)."""
 
-    def predict(self, rows):
-        return [0.25] * len(rows), self.sha
+    def __init__(self, sha: str, workers: list[dict], smoke: dict | None = None):
+        self.sha, self._workers, self.smoke = sha, workers, smoke or {}
+
+    def predict(self, rows, timeout=None):
+        return [self.smoke.get(tuple(r), 0.25) for r in rows], self.sha
+
+    def check_broker(self):
+        pass
 
     def workers(self):
         return self._workers
@@ -217,8 +222,9 @@ def real_app(tmp_path, bundle, image: dict | None, workers: list[dict]):
                        "MODELSERVE_INSTANCE_ENV": "/nonexistent", "MODELSERVE_RELEASE": "r1",
                        "MODELSERVE_COLOUR": "blue", "MODELSERVE_DEPLOY_ID": "d1",
                        "MODELSERVE_RELEASE_FILE": str(release_file)})
-    app = create_app(cfg, bundle, client=StubClient(bundle.sha256, workers))
-    app.extensions["modelserve"]["ready_until"] = float("inf")  # /readyz: broker not needed
+    first = bundle.metadata["holdout_sample"][0]
+    smoke = {tuple(float(first["features"][n]) for n in bundle.feature_names): first["probability"]}
+    app = create_app(cfg, bundle, client=StubClient(bundle.sha256, workers, smoke))
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     t.start()
@@ -246,7 +252,7 @@ def test_gate_against_the_real_app(tmp_path, bundle):
 def test_gate_against_a_checkout_app_without_release_json(tmp_path, bundle):
     rel = Release("img", "modelserve-r1", "r1", bundle.sha256, 0.79, git_sha="g1",
                   provenance="release")
-    with real_app(tmp_path, bundle, None, []) as (a, p):
+    with real_app(tmp_path, bundle, None, [entry("w1", sha=bundle.sha256)]) as (a, p):
         assert health.fetch_version(a, p)["image"] is None
         with pytest.raises(HealthCheckFailed, match="no RELEASE.json"):
             health.check_front(a, port=p, release=rel)
