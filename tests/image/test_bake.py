@@ -39,19 +39,20 @@ def http(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, 
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def wait_ready(base: str, timeout: float = 240) -> dict:
-    """Poll /readyz until 200; fail with the last answer."""
+def wait_ready(base: str, timeout: float = 240, until=lambda body: True,
+               what: str = "") -> dict:
+    """Poll /readyz until 200 (and ``until(body)``); fail with the last answer."""
     deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:
             status, body = http(f"{base}/readyz")
-            if status == 200:
+            if status == 200 and until(body):
                 return body
             last = (status, body)
         except (OSError, ValueError) as exc:
             last = exc
         time.sleep(2)
-    pytest.fail(f"{base}/readyz not 200 within {timeout} s; last: {last}")
+    pytest.fail(f"{base}/readyz not 200{what} within {timeout} s; last: {last}")
 
 
 def boot(launch, image: str, user_data: str):
@@ -185,9 +186,10 @@ def test_worker_role_serves_a_front(baked, launch):
     # the front's own worker stops: predictions must now be answered by the worker instance
     front.exec("systemctl", "stop", "modelserve-worker")
     base = f"http://{front_ip}:8080"
-    ready = wait_ready(base)
-    # the worker instance's two Celery workers: the sync queue's and its async child's
-    assert ready["checks"]["workers"].startswith("2 "), ready
+    # the worker instance's two Celery workers: the sync queue's and its async child's (a
+    # loaded machine may start the child's TensorFlow seconds after the first answers)
+    wait_ready(base, until=lambda body: body["checks"]["workers"].startswith("2 "),
+               what=" with 2 workers answering")
     sample = META["holdout_sample"][1]
     status, body = http(f"{base}/api/v1/predictions", {"instances": [sample["features"]]},
                         timeout=30)
