@@ -811,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not run localcloud/lxd/up.sh first")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = parser.parse_args(argv)
+    # Ctrl-C must stop a bake even when it was started with SIGINT ignored (a background job,
+    # CI): Python installs no handler then, so install it here
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         if not (PACKER_DIR / "env" / f"{args.env}.pkrvars.hcl").is_file():

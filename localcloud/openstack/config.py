@@ -215,6 +215,10 @@ os_region_name = {REGION}
         etc / "nova/nova-lxd.conf": f"""[DEFAULT]
 host = {LXD_HOST}
 compute_driver = modelserve_lxd.LxdDriver
+# its servers are containers sharing this machine's cores (the flavor's vcpus become
+# limits.cpu), so a Packer build server may boot beside a test's front, worker and warm
+# release: Nova's default ratio (4 per core) would fit four 2-vcpu servers on 2 cores
+cpu_allocation_ratio = 16.0
 state_path = {s}/nova-lxd
 instances_path = {s}/nova-lxd/instances
 [oslo_concurrency]

@@ -18,7 +18,14 @@ from localcloud.openstack import config, seed
 from localcloud.openstack.harness import Harness, HarnessError
 from rollout.clouds.openstack import OpenStackCloud
 from tests.openstack import standins
+from tests.openstack.bakes import BakeChain
 from tests.openstack.osenv import ROOT, purge_env, use_cloud_env
+
+BAKE_PROJECT = config.LXD_PROJECT + "-bake"
+# modules in the order they run: the bakes through Nova go on in the background meanwhile
+# (bakes.py), so the cases that need them come late, and the ones that break Nova, Neutron
+# or the quota on purpose come last, once no bake is running
+LATE = ("test_lxd_release.py", "test_faults.py")
 
 pytestmark = pytest.mark.openstack
 
@@ -71,6 +78,53 @@ def other_conn(harness):
 def admin(harness):
     """An admin connection (user_data, quotas, hypervisor state)."""
     return seed.connect(harness, admin=True)
+
+
+@pytest.fixture(scope="session")
+def lxd_conn(harness):
+    """The connection of the LXD compute host's project (where the bakes go)."""
+    return seed.connect(harness, project=config.LXD_PROJECT_OS)
+
+
+@pytest.fixture(scope="session")
+def bake_env(os_env):
+    """bake.py's environment: the LXD project of the suite (never the default one) and the
+    harness's LXD project on OpenStack."""
+    project = os.environ.get("MODELSERVE_LXD_PROJECT") or BAKE_PROJECT
+    assert project != "default", "the suite never bakes into the default project"
+    env = dict(os_env, OS_CLOUD=config.CLOUD + "-lxd", MODELSERVE_LXD_PROJECT=project)
+    env.pop("LXD_CONF", None)
+    yield env
+    if project == BAKE_PROJECT:
+        from localcloud.openstack import lxdhost
+
+        lxdhost.remove_project(BAKE_PROJECT)
+
+
+@pytest.fixture(scope="session")
+def os_bakes(lxd_conn, bake_env):
+    """The deps layer and releases a, b baked by Packer through Nova, in the background
+    (tests/openstack/bakes.py); the release images are deleted at the end, the deps layer
+    kept (a cache keyed by what it is made of, like the LXD tier's)."""
+    from tests.openstack.test_lxd_host import drop_cached_image
+
+    chain = BakeChain(bake_env, lxd_conn).start()
+    yield chain
+    chain.stop()
+    print(f"openstack bakes through Nova (s): {chain.seconds}")
+    for image_id in chain.release_images():
+        lxd_conn.image.delete_image(image_id, ignore_missing=True)
+        drop_cached_image(image_id)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bakes_from_the_start(request):
+    """Start the bakes with the tier's first case when any collected case needs them."""
+    if request.config.stash.get(_NEEDS_BAKES, False):
+        request.getfixturevalue("os_bakes")
+
+
+_NEEDS_BAKES = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session")
@@ -140,15 +194,30 @@ def cloud(os_env, monkeypatch):
     return OpenStackCloud()
 
 
-def pytest_collection_modifyitems(items):
-    """Every test here is of the openstack tier. openstacksdk 4.22 warns about its own
+def pytest_collection_modifyitems(config, items):
+    """Every test here is of the openstack tier, the LATE modules run last (in that order),
+    and the bakes start early when a case needs them. openstacksdk 4.22 warns about its own
     deprecations (InfluxDB, _compute_attributes) on every connect, not about our code;
     `filterwarnings = error` would turn those into failures."""
     here = Path(__file__).resolve().parent
-    for item in items:
-        if Path(str(item.fspath)).resolve().is_relative_to(here):
-            item.add_marker(pytest.mark.openstack)
-            for category in ("OpenStackDeprecationWarning", "RemovedInSDK50Warning",
-                             "RemovedInSDK60Warning"):
-                item.add_marker(pytest.mark.filterwarnings(
-                    f"ignore::openstack.warnings.{category}"))
+    ours = [i for i in items if Path(str(i.fspath)).resolve().is_relative_to(here)]
+
+    def late(item) -> int:
+        name = Path(str(item.fspath)).name
+        return LATE.index(name) + 1 if name in LATE else 0
+
+    if ours:
+        # a stable sort of this tier's cases, in the places they held (other tiers untouched)
+        ids = {id(i) for i in ours}
+        places = [n for n, i in enumerate(items) if id(i) in ids]
+        for n, item in zip(places, sorted(ours, key=late), strict=True):
+            items[n] = item
+    config.stash[_NEEDS_BAKES] = any(
+        {"os_deps", "os_releases", "os_bakes"} & set(getattr(i, "fixturenames", ()))
+        for i in ours)
+    for item in ours:
+        item.add_marker(pytest.mark.openstack)
+        for category in ("OpenStackDeprecationWarning", "RemovedInSDK50Warning",
+                         "RemovedInSDK60Warning"):
+            item.add_marker(pytest.mark.filterwarnings(
+                f"ignore::openstack.warnings.{category}"))

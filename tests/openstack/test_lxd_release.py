@@ -30,11 +30,10 @@ from localcloud.openstack import config, seed
 from rollout.seed import parse_user_data
 from tests.image import hygiene
 from tests.openstack.osenv import ROOT, fip_of, live_release, live_servers, ok, purge_env, rollout
-from tests.openstack.test_lxd_host import containers, drop_cached_image, forwards, in_container
+from tests.openstack.test_lxd_host import containers, forwards, in_container
 
 pytestmark = pytest.mark.openstack
 
-BAKE_PROJECT = config.LXD_PROJECT + "-bake"
 META = json.loads((ROOT / "app/bundle/metadata.json").read_text())
 
 
@@ -46,73 +45,27 @@ def _lxc(*args, timeout=900):
     return proc.stdout
 
 
-def bake(env, *args, timeout=3000) -> dict:
-    """`packer/bake.py ARGS --json --env ci --allow-dirty` -> its JSON result."""
-    proc = subprocess.run([sys.executable, str(ROOT / "packer/bake.py"), *args, "--json",
-                           "--env", "ci", "--allow-dirty"], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == 0, f"bake.py {args} failed:\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout)
-
-
 @pytest.fixture(scope="module")
-def lxd_conn(harness):
-    return seed.connect(harness, project=config.LXD_PROJECT_OS)
-
-
-@pytest.fixture(scope="module")
-def bake_env(lxd_conn, os_env):
-    """bake.py's environment: the LXD project of the suite (never the default one) and the
-    harness's LXD project on OpenStack."""
-    project = os.environ.get("MODELSERVE_LXD_PROJECT") or BAKE_PROJECT
-    assert project != "default", "the suite never bakes into the default project"
-    env = dict(os_env, OS_CLOUD=config.CLOUD + "-lxd", MODELSERVE_LXD_PROJECT=project)
-    env.pop("LXD_CONF", None)
-    yield env
-    if project == BAKE_PROJECT:
-        from localcloud.openstack import lxdhost
-
-        lxdhost.remove_project(BAKE_PROJECT)
-
-
-@pytest.fixture(scope="module")
-def os_deps(lxd_conn, bake_env):
+def os_deps(os_bakes):
     """The OpenStack deps layer in Glance, baked through Nova by `packer/bake.py --cloud
-    openstack --deps-only` (reused while its key is unchanged); kept afterwards like the LXD
-    tier's deps layers (a cache keyed by what it is made of). Deps layers of other keys, and
-    any seeded from LXD by an older tier, are deleted first: one ~1.5 GB layer is enough."""
-    want = bake(bake_env, "--cloud", "openstack", "--print-deps-key")
-    for img in lxd_conn.image.images(owner=lxd_conn.current_project_id):
-        props = img.properties or {}
-        if img.name.startswith("modelserve-deps-") and (
-                img.name != want["deps_image"] or props.get("modelserve_deps_seeded_from")):
-            lxd_conn.image.delete_image(img.id, ignore_missing=True)
-            drop_cached_image(img.id)
-    res = bake(bake_env, "--cloud", "openstack", "--deps-only")
+    openstack --deps-only` (reused while its key is unchanged) in the background since the
+    tier started (tests/openstack/bakes.py, conftest.py os_bakes)."""
+    res = os_bakes.wait("deps")
     print(f"openstack deps layer {res['deps_image']}: "
-          f"{'reused' if res['deps_reused'] else 'baked through Nova'} in {res['deps_seconds']} s")
-    return {"deps_image": res["deps_image"], "image_id": res["deps_image_id"],
-            "deps_key": want["deps_key"]}
+          f"{'reused' if res['reused'] else 'baked through Nova'} in {res['seconds']} s")
+    return res
 
 
 @pytest.fixture(scope="module")
-def os_releases(lxd_conn, bake_env, os_deps):
+def os_releases(os_bakes, os_deps):
     """Two releases baked by `packer/bake.py --cloud openstack` (release layer through Packer's
-    openstack source); their Glance images are deleted afterwards."""
-    made = []
-    try:
-        for letter in "ab":
-            release = f"osp-{time.strftime('%m%d%H%M', time.gmtime())}-{secrets.token_hex(2)}"
-            t0 = time.monotonic()
-            res = bake(bake_env, "--cloud", "openstack", "--release", release)
-            made.append(res)
-            print(f"openstack bake {letter} (release layer through Nova) "
-                  f"{time.monotonic() - t0:.0f} s")
-        yield made
-    finally:
-        for res in made:
-            lxd_conn.image.delete_image(res["image_id"], ignore_missing=True)
-            drop_cached_image(res["image_id"])
+    openstack source) after the deps layer; their Glance images are deleted at the end. Once
+    this returns no bake runs any more (the fault cases below rely on that)."""
+    made = [os_bakes.wait("a"), os_bakes.wait("b")]
+    os_bakes.wait_all()
+    for letter, res in zip("ab", made, strict=True):
+        print(f"openstack bake {letter} (release layer through Nova) {res['release_seconds']} s")
+    return made
 
 
 @pytest.fixture
@@ -251,7 +204,7 @@ def fault_switch(harness, name):
 
 
 def test_a_snapshot_that_fails_mid_upload_fails_the_bake_and_leaves_nothing(
-        lxd_conn, admin, harness, os_deps, bake_env):
+        lxd_conn, admin, harness, os_deps, os_releases, bake_env):
     """The LXD host's snapshot breaks off half-way through its upload to Glance (the driver's
     fault switch, a file in its instances_path): Nova deletes the half-made image, Packer
     fails and deletes its build server and keypair, and bake.py exits non-zero with one line
