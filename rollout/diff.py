@@ -24,7 +24,8 @@ from pathlib import Path
 
 import requests
 
-from rollout import health
+from rollout import health, retry
+from rollout.errors import WaitTimeout
 
 DEFAULT_MAX_DISAGREEMENT = 0.25
 #: rows per prediction request (the app accepts more; small requests keep each one quick)
@@ -209,21 +210,34 @@ def _answers(body: object, want: int) -> list[Answer]:
 
 def predict(address: str, port: int, rows: Sequence[dict], *, size: int = CHUNK_ROWS,
             timeout: tuple[float, float] = TIMEOUT,
-            post: Callable[..., requests.Response] = requests.post) -> list[Answer]:
+            post: Callable[..., requests.Response] = requests.post,
+            busy: retry.Policy = retry.DIFF_PREDICT) -> list[Answer]:
     """Every row's answer from the front at ``address`` (``POST /api/v1/predictions`` in
-    chunks of at most ``size`` rows). ``PredictError`` on any failure (HTTP error, timeout,
-    connection failure, malformed or short answer)."""
+    chunks of at most ``size`` rows). A chunk answered 503 (busy: it says Retry-After) is
+    sent again within the ``busy`` policy's budget. ``PredictError`` on any other failure
+    (HTTP error, timeout, connection failure, malformed or short answer) or a front still
+    busy when the budget is spent."""
     url = health.base_url(address, port) + PREDICT_PATH
     out: list[Answer] = []
-    for part in chunks(rows, size):
+
+    def send(part: Sequence[dict]) -> requests.Response:
         try:
             r = post(url, json={"instances": list(part)}, timeout=timeout,
                      headers={"Connection": "close"})
         except requests.RequestException as exc:
             raise PredictError(f"{type(exc).__name__} on {PREDICT_PATH}") from exc
+        if r.status_code == 503:
+            raise retry.FrontBusy(f"HTTP 503 on {PREDICT_PATH}: {r.text[:120].strip()}")
         if r.status_code != 200:
             raise PredictError(f"HTTP {r.status_code} on {PREDICT_PATH}: "
                                f"{r.text[:120].strip()}", r.status_code)
+        return r
+
+    for part in chunks(rows, size):
+        try:
+            r = busy.run(lambda part=part: send(part), what=f"POST {PREDICT_PATH}")
+        except WaitTimeout as exc:
+            raise PredictError(str(exc.__cause__ or exc), 503) from exc
         try:
             body = r.json()
         except ValueError:
@@ -311,8 +325,8 @@ def measure(green: str, blue: str | None, port: int, sample: Sequence[dict] = ()
         raise GreenFailed(f"{exc} (--diff-sample rows)", exc.status, sample=True) from exc
     if not blue:
         return Measured(None, holdout_from, f"{blue_name} has no address")
-    try:
-        blue_ans = predict(blue, port, rows + sample)
+    try:  # the live front is asked once: a busy one skips the gate rather than hold it up
+        blue_ans = predict(blue, port, rows + sample, busy=retry.DIFF_PREDICT.with_budget(0))
     except PredictError as exc:
         return Measured(None, holdout_from, f"{blue_name} did not answer: {exc}")
     figures = compare(blue_ans, green_ans, ["holdout"] * len(rows) + ["sample"] * len(sample))

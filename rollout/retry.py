@@ -28,6 +28,10 @@ log = logging.getLogger("rollout.retry")
 T = TypeVar("T")
 
 
+class FrontBusy(Exception):
+    """A front answered 503 (overloaded, or its workers still warming up): ask again."""
+
+
 class NotReady(Exception):
     """Raised by a wait predicate: the resource is not in the wanted state yet."""
 
@@ -103,5 +107,10 @@ ROLLBACK_HEALTH = Policy("rollback-health", budget=5, wait_min=0.1, wait_max=0.5
 VERIFY_SWITCH = Policy("verify-switch", budget=20, wait_min=0.05, wait_max=0.5,
                        retry_on=(NotReady, TransientCloudError), multiplier=0.05)
 
+# the model-diff gate's predictions: a front that answers 503 + Retry-After (a new front
+# whose worker instances still compile their first batch, on a loaded machine) is asked again
+DIFF_PREDICT = Policy("diff-predict", budget=60, wait_min=0.5, wait_max=5,
+                      retry_on=(FrontBusy,))
+
 POLICIES = {p.name: p for p in (CLOUD_CALL, INSTANCE_BOOT, HEALTH_GATE, ROLLBACK_HEALTH,
-                                VERIFY_SWITCH)}
+                                VERIFY_SWITCH, DIFF_PREDICT)}

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rollout import cli, diff, executor
+from rollout import cli, diff, executor, retry
 from rollout.clouds.base import Release
 from rollout.diff import Answer, PredictError, SampleError, compare, parse_sample
 from rollout.errors import DiffRefused, HealthCheckFailed
@@ -155,8 +155,8 @@ class Front:
     """A loopback HTTP front answering predictions row by row (probability from ``prob``)
     and recording each request's row count; ``status`` != 200 answers that status."""
 
-    def __init__(self, prob=lambda row: 0.25, status=200, short=False):
-        self.prob, self.status, self.short = prob, status, short
+    def __init__(self, prob=lambda row: 0.25, status=200, short=False, busy=0):
+        self.prob, self.status, self.short, self.busy = prob, status, short, busy
         self.sizes: list[int] = []
         self.holdout: list[dict] | None = None
         self.port = free_port()
@@ -168,6 +168,9 @@ class Front:
                 200, {"rows": self.holdout, "version": "1"})
         rows = json.loads(body)["instances"]
         self.sizes.append(len(rows))
+        if self.busy:  # the first `busy` requests: 503, as a front whose workers warm up
+            self.busy -= 1
+            return 503, {"error": {"type": "unavailable", "message": "retry later"}}
         if self.status != 200:
             return self.status, {"error": "nope"}
         preds = [{"probability": self.prob(r), "label": int(self.prob(r) >= 0.5)} for r in rows]
@@ -208,6 +211,21 @@ def test_predict_failures_are_predict_errors(front, kw, match):
     with pytest.raises(PredictError, match=match) as err:
         diff.predict("127.0.0.1", f.port, [ROW, ROW])
     assert err.value.status == kw.get("status")
+
+
+def test_a_busy_front_is_asked_again_and_a_front_busy_for_good_is_an_error(front):
+    """503 means retry later (Retry-After): a front whose workers warm up answers the same
+    rows a moment later; one that stays busy past the diff-predict budget is a failure."""
+    f = front(busy=2, prob=lambda row: row["glu"] / 1000)
+    rows = [dict(ROW, glu=i) for i in range(3)]
+    got = diff.predict("127.0.0.1", f.port, rows)
+    assert [a.probability for a in got] == [0.0, 0.001, 0.002] and f.sizes == [3, 3, 3]
+    assert "diff-predict" in retry.POLICIES
+    stuck = front(status=200, busy=10**6)
+    with pytest.raises(PredictError, match="HTTP 503") as err:
+        diff.predict("127.0.0.1", stuck.port, [ROW],
+                     busy=retry.DIFF_PREDICT.with_budget(1.5))
+    assert err.value.status == 503 and len(stuck.sizes) >= 2
 
 
 def test_a_dead_or_silent_front_is_a_bounded_predict_error():
