@@ -346,8 +346,8 @@ def phase_deploy(ui: Ui, args) -> None:
             ui.line(f"  {text}")
     ui.start("deploy")  # a terminal shows the elapsed time below the finished steps
     try:
-        rc = run_logged([args.python, "-m", "rollout", "deploy", "--env", args.env,
-                         "--release", args.release], ui.log, env=env, echo=echo)
+        rc = run_logged([args.python, "-m", "rollout", "deploy", "--cloud", "lxd", "--env",
+                         args.env, "--release", args.release], ui.log, env=env, echo=echo)
     finally:
         ui.quiet_end()
     if rc != 0:
@@ -360,8 +360,8 @@ def phase_deploy(ui: Ui, args) -> None:
 
 
 def closing(ui: Ui, args) -> None:
-    proc = subprocess.run([args.python, "-m", "rollout", "status", "--env", args.env, "--json"],
-                          cwd=ROOT, text=True, capture_output=True)
+    proc = subprocess.run([args.python, "-m", "rollout", "status", "--cloud", "lxd", "--env",
+                           args.env, "--json"], cwd=ROOT, text=True, capture_output=True)
     with open(ui.log, "a") as fh:
         fh.write(f"\n=== rollout status --json (exit {proc.returncode})\n{proc.stdout}"
                  f"{proc.stderr}")
@@ -373,8 +373,8 @@ def closing(ui: Ui, args) -> None:
     ui.line("")
     ui.line(f"modelserve {st['live']} is live at {st['url']}")
     ui.line(f"  release   {st['live']} (previous: {st.get('previous') or '-'}), env {args.env}")
-    ui.line(f"  try       {py} -m rollout status --env {args.env}")
-    ui.line(f"            {py} -m rollout rollback --env {args.env}"
+    ui.line(f"  try       {py} -m rollout status --cloud lxd --env {args.env}")
+    ui.line(f"            {py} -m rollout rollback --cloud lxd --env {args.env}"
             + ("" if st.get("previous") else "   (once a second release is live: make release)"))
     ui.line("            make demo-down")
     ui.line(f"  log       {ui.log}")

@@ -31,20 +31,25 @@ test-rollout: venv rollout-deps ## rollout unit + e2e + fault matrix on real LXD
 DEMO_LOG ?=
 DEMO_BAKE_ARGS ?=
 demo: ## local cloud + image (if missing) + deploy, one line per phase; prints the URL
-	@python3 devtools/demo.py --env $(ROLLOUT_ENV) --release $(DEMO_RELEASE) \
+	@MODELSERVE_LXD_PROJECT=$(DEMO_LXD_PROJECT) python3 devtools/demo.py --env $(ROLLOUT_ENV) --release $(DEMO_RELEASE) \
 	  --image-env $(IMAGE_ENV) --python $(PY) --venv $(VENV) \
 	  $(if $(DEMO_LOG),--log $(DEMO_LOG)) $(foreach a,$(DEMO_BAKE_ARGS),--bake-arg=$(a))
 
+# The demo's targets act on the local LXD cloud and the demo's LXD project, always: never on
+# the cloud an OS_CLOUD/OS_AUTH_URL in the shell would choose, nor a project exported for tests.
+DEMO_LXD_PROJECT ?= default
+DEMO_ROLLOUT := MODELSERVE_LXD_PROJECT=$(DEMO_LXD_PROJECT) $(PY) -m rollout
+
 release: venv ## bake HEAD (git archive; ALLOW_DIRTY=1: the working tree) and deploy it (blue-green)
 	$(MAKE) local-cloud
-	$(MAKE) image RELEASE=$(RELEASE)
-	$(PY) -m rollout deploy --env $(ROLLOUT_ENV) --release $(RELEASE)
+	MODELSERVE_LXD_PROJECT=$(DEMO_LXD_PROJECT) $(MAKE) image CLOUD=lxd RELEASE=$(RELEASE)
+	$(DEMO_ROLLOUT) deploy --cloud lxd --env $(ROLLOUT_ENV) --release $(RELEASE)
 
-rollout-status: venv ## live/previous release, instances and images of ROLLOUT_ENV
-	$(PY) -m rollout status --env $(ROLLOUT_ENV)
+rollout-status: venv ## live/previous release, instances and images of ROLLOUT_ENV (local LXD)
+	$(DEMO_ROLLOUT) status --cloud lxd --env $(ROLLOUT_ENV)
 
-demo-down: venv ## delete the demo env's instances and floating IP
-	$(PY) -m rollout destroy --env $(ROLLOUT_ENV) --yes
+demo-down: venv ## delete the demo env's instances and floating IP (local LXD, whatever OS_CLOUD says)
+	$(DEMO_ROLLOUT) destroy --cloud lxd --env $(ROLLOUT_ENV) --yes
 
 bench-deploy: venv ## deploy time, switch time, rollback time, probe failures -> bench/results/
 	$(PY) bench/deploy_bench.py

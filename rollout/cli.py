@@ -280,6 +280,47 @@ def _print_status(con: Console, st: dict) -> None:
     con.print(t)
 
 
+DESTRUCTIVE = ("destroy", "cleanup", "abort")
+
+
+def _cloud_from_environment() -> str | None:
+    """``OS_CLOUD=name`` or ``OS_AUTH_URL=url`` when the shell's environment (not --cloud)
+    would choose OpenStack, else None."""
+    for key in ("OS_CLOUD", "OS_AUTH_URL"):
+        if os.environ.get(key):
+            return f"{key}={os.environ[key]}"
+    return None
+
+
+def _confirm_cloud_from_environment(args, err: Console) -> int | None:
+    """A destructive command never takes its cloud from the environment alone: an openrc
+    sourced for other work must not turn `make demo-down` into a destroy on a real cloud.
+    Without --cloud, when OS_CLOUD/OS_AUTH_URL chose OpenStack, say which cloud and env,
+    then ask for the env's name typed back (`--yes` is not enough: it needs --cloud as
+    well). Returns the exit status of a refusal, or None to go on."""
+    if args.command not in DESTRUCTIVE or args.cloud is not None:
+        return None
+    source = _cloud_from_environment()
+    if source is None:
+        return None
+    err.print(f"{args.command} would act on env {args.env} of the OpenStack cloud chosen by "
+              f"{source} in your environment (no --cloud given; the local demo is "
+              "--cloud lxd).", markup=False, highlight=False)
+    if getattr(args, "yes", False):
+        err.print(f"error: {args.command} --yes takes its cloud from --cloud only: add "
+                  "--cloud openstack to act on that cloud, or --cloud lxd for the local one",
+                  markup=False, highlight=False)
+        return ExitCode.USAGE
+    err.print(f"Type the env's name ({args.env}) to go on: ", end="", markup=False,
+              highlight=False)
+    answer = sys.stdin.readline() if sys.stdin is not None else ""
+    if answer.strip() != args.env:
+        err.print(f"\nerror: {args.command} not confirmed (got {answer.strip()!r}): nothing "
+                  "was touched", markup=False, highlight=False)
+        return ExitCode.USAGE
+    return None
+
+
 def run(argv: list[str] | None = None, *, stdout=None, stderr=None, cloud=None,
         configure=None) -> int:
     """Parse, run, report; returns the exit status. ``cloud`` replaces ``--cloud`` and
@@ -311,6 +352,9 @@ def _run(argv, *, stdout, stderr, cloud, configure) -> int:
     if args.command == "destroy" and not args.yes:
         err.print(f"[red]error:[/] destroy stops env {args.env}'s live release: add --yes")
         return ExitCode.USAGE
+    refused = _confirm_cloud_from_environment(args, err)
+    if refused is not None:
+        return refused
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         stream=err.file, format="%(name)s: %(message)s")
     redact.install()  # -v logs SDK request/response bodies: seeds and passwords stay out

@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -127,8 +129,8 @@ def test_a_cold_run_prints_one_line_per_phase_and_logs_the_rest(fake):
     # the end: URL, release, what to try next, the log
     assert "modelserve g1 is live at http://10.87.43.10:8080/" in lines
     assert any("release   g1 (previous: g0)" in ln for ln in lines)
-    for cmd in ("-m rollout status --env dev", "-m rollout rollback --env dev",
-                "make demo-down"):
+    for cmd in ("-m rollout status --cloud lxd --env dev",
+                "-m rollout rollback --cloud lxd --env dev", "make demo-down"):
         assert any(ln.rstrip().endswith(cmd) for ln in lines), cmd
     assert str(fake.tmp / "demo.log") in lines[0]
     # nothing of the noise on the console, all of it in the log
@@ -196,3 +198,28 @@ def test_the_bake_lines_the_demo_reads_are_the_ones_bake_py_prints():
     assert '(f", image {size / 2**20:.0f} MiB"' in src
     assert demo.BAKE_IMAGE.search("image modelserve-g1 fingerprint 0a1b")
     assert demo.BAKE_SIZE.search("bake time 9 s (…), image 415 MiB")
+
+
+def test_the_demo_acts_on_the_local_cloud_whatever_the_shell_says(fake):
+    """An openrc sourced in the shell (OS_CLOUD) must not send the demo's deploy and status
+    to a real OpenStack: both name --cloud lxd."""
+    code, lines, _ = fake(env={"OS_CLOUD": "production", "OS_AUTH_URL": "https://keystone"})
+    assert code == 0, "\n".join(lines)
+    calls = fake.calls.read_text()
+    assert "-m rollout deploy --cloud lxd --env dev --release g1" in calls, calls
+    assert "-m rollout status --cloud lxd --env dev --json" in calls, calls
+
+
+@pytest.mark.parametrize("target", ["demo-down", "release", "rollout-status", "demo"])
+def test_the_demo_targets_pin_the_local_cloud_and_the_demo_project(target):
+    """`make demo-down` with an openrc sourced destroyed the env on the real cloud; each
+    demo target names the local cloud and the demo's LXD project on its command lines."""
+    env = dict(os.environ, OS_CLOUD="production", MODELSERVE_LXD_PROJECT="someone-elses")
+    out = subprocess.run(["make", "-n", "-C", str(ROOT), target, "PY=python3"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    rollout_lines = [ln for ln in out.splitlines() if "-m rollout" in ln or "demo.py" in ln]
+    assert rollout_lines, out
+    for line in rollout_lines:
+        assert "MODELSERVE_LXD_PROJECT=default" in line, line
+        if "-m rollout" in line:
+            assert "--cloud lxd" in line, line

@@ -273,3 +273,49 @@ def test_version_from_metadata_only_when_this_code_is_the_installed_one(monkeypa
             return site / path
     monkeypatch.setattr(metadata, "distribution", lambda name: Dist())
     assert cli.version() == ("9.9.9" if installed_here else _project_version())
+
+
+@pytest.mark.parametrize("key, value", [("OS_CLOUD", "production"),
+                                        ("OS_AUTH_URL", "https://keystone.example:5000/v3")])
+def test_destroy_yes_never_takes_its_cloud_from_the_environment(cloud, monkeypatch, key,
+                                                                 value):
+    """An openrc sourced for other work: `destroy --yes` without --cloud names the cloud the
+    environment chose, refuses (2) and touches nothing; with --cloud it goes on."""
+    monkeypatch.setenv(key, value)
+    assert deploy(cloud, "a")[0] == 0
+    before = dict(cloud.instances)
+    code, _, err = run(cloud, "destroy", "--env", ENV, "--yes")
+    assert code == cli.ExitCode.USAGE, err
+    assert f"{key}={value}" in err and "--cloud" in err and f"env {ENV}" in err
+    assert cloud.instances == before and live(cloud) == "a"
+    code, _, err = run(cloud, "destroy", "--env", ENV, "--yes", "--cloud", "openstack")
+    assert code == 0, err
+    assert not cloud.instances
+
+
+@pytest.mark.parametrize("command", ["cleanup", "abort"])
+def test_cleanup_and_abort_ask_for_the_env_typed_back(cloud, monkeypatch, command):
+    """Without --cloud and with OS_CLOUD set, a destructive command asks for the env's name:
+    a wrong answer or none (no terminal) refuses and touches nothing."""
+    monkeypatch.setenv("OS_CLOUD", "production")
+    assert deploy(cloud, "a")[0] == 0
+    before = dict(cloud.instances)
+    for answer in ("", "prod\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(answer))
+        code, _, err = run(cloud, command, "--env", ENV)
+        assert code == cli.ExitCode.USAGE, err
+        assert "OS_CLOUD=production" in err and "not confirmed" in err
+        assert cloud.instances == before
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{ENV}\n"))
+    code, _, err = run(cloud, command, "--env", ENV)
+    assert "not confirmed" not in err and "Type the env's name" in err
+    assert code != cli.ExitCode.USAGE, err  # confirmed: the command itself ran
+
+
+def test_without_os_variables_destructive_commands_ask_nothing(cloud, monkeypatch):
+    for key in ("OS_CLOUD", "OS_AUTH_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert deploy(cloud, "a")[0] == 0
+    code, _, err = run(cloud, "cleanup", "--env", ENV)
+    assert code == 0 and "Type the env" not in err, err
