@@ -34,7 +34,10 @@ def client(bundle):
     app = create_app(load_config(CFG), bundle, client=stub)
     c = app.test_client()
     c.stub = stub
-    return c
+    yield c
+    # /metrics started the diagnostics refresher: stop it with the app (a served app's client
+    # stops it on close)
+    app.extensions["modelserve"]["diagnostics"].stop()
 
 
 ROW = {"npreg": 1, "glu": 89, "bp": 66, "skin": 23, "bmi": 28.1, "ped": 0.167, "age": 21}
