@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from app.dispatch import Unavailable
 from app.limits import ByteBudget, Overloaded, Shape, json_error_body, prescan
+from bench import prescan_bench
 
 values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{},"\\ab'),
                       lambda c: st.lists(c, max_size=4) | st.dictionaries(
@@ -210,23 +211,9 @@ MiB = 1 << 20
 SIZES = (MiB // 8, MiB // 4, MiB // 2, MiB)
 
 
-def _fill(head: bytes, unit: bytes, tail: bytes, size: int) -> bytes:
-    n = max(0, (size - len(head) - len(tail)) // len(unit) + 1)
-    return (head + unit * n)[:size - len(tail)] + tail
-
-
-# worst cases up to the 1 MiB body limit (truncated to size: valid JSON or not, all count)
-SHAPES = {
-    "quote-escaped-quotes": lambda n: _fill(b'"', b'\\"', b"", n),  # issue 24: unterminated
-    "quote-backslashes": lambda n: _fill(b'"', b"\\\\", b"", n),
-    "backslashes": lambda n: _fill(b"", b"\\", b"", n),
-    "escape-strings": lambda n: _fill(b"[", b'"\\\\\\"\\"\\u005c",', b"1]", n),
-    "deep-nesting": lambda n: _fill(b"", b"[", b"", n),
-    "long-numbers": lambda n: _fill(b"[", b"1234567890", b"]", n),
-    "many-keys": lambda n: _fill(b"{", b'"k":0,', b'"z":0}', n),
-    "long-string": lambda n: _fill(b'["', b"a", b'"]', n),
-    "many-rows": lambda n: _fill(b'{"instances":[', b"[1,2,3],", b"[1]]}", n),
-}
+# worst cases up to the 1 MiB body limit (truncated to size: valid JSON or not, all count);
+# the benchmark times the same shapes
+SHAPES = prescan_bench.SHAPES
 
 
 class _TooSlow(Exception):
