@@ -1,8 +1,9 @@
-"""Issue 24 on the real stack: diagnostics never wedge a front.
+"""Diagnostics never wedge a front, on the real stack.
 
-Before the fix, 24 clients looping on GET /readyz (or 64 on /api/v1/workers) wedged a front for
-good: each Celery broadcast held a connection of the app's bounded pool (broker_pool_limit)
-while kombu's mailbox asked the producer pool, backed by the same connections, for another.
+Were a request to broadcast to the workers itself, 24 clients looping on GET /readyz (or 64 on
+/api/v1/workers) would wedge a front for good (they did at 9c4cdc3): each Celery broadcast held
+a connection of the app's bounded pool (broker_pool_limit) while kombu's mailbox asked the
+producer pool, backed by the same connections, for another.
 With as many broadcasts at once as pool slots nobody could go on.
 
 * The client: many threads (3x the pool limit) call the real BrokerClient's broadcast paths
@@ -102,6 +103,16 @@ def test_broadcasts_and_publishes_from_3x_the_pool_limit_threads_all_finish(stac
         assert not alive, (
             f"{len(alive)} of {n} threads still blocked after {BOUND:.0f} s (deadlock on "
             f"Celery's connection/producer pool): {sorted(alive)}")
+
+        def answered():
+            try:
+                return client.workers()
+            except Unavailable:
+                return None
+
+        # once the storm is over the same client still broadcasts, and right
+        after = wait_for(answered, 60, "a workers() broadcast answering after the storm")
+        assert all(w["model_sha256"] == bundle.sha256 for w in after), after
     finally:
         if any(t.is_alive() for t in threads):
             _close_bounded(client)  # leaves the blocked (daemon) threads behind
@@ -118,10 +129,11 @@ def test_broadcasts_and_publishes_from_3x_the_pool_limit_threads_all_finish(stac
         probabilities, sha256 = value
         assert sha256 == bundle.sha256
         assert probabilities[0] == pytest.approx(first["probability"], abs=2e-6)
-    # some broadcasts got through (the others may have been told Unavailable, quickly)
+    # during the storm a broadcast either got through, and right, or was told Unavailable
+    # quickly; how many got through depends on the machine's load, not on the code
     ok_workers = [v for kind, v in by_role["workers"] if kind == "ok"]
-    assert ok_workers and all(w and w[0]["model_sha256"] == bundle.sha256 for w in ok_workers)
-    assert any(kind == "ok" and v >= 1 for kind, v in by_role["check_workers"])
+    assert all(w and w[0]["model_sha256"] == bundle.sha256 for w in ok_workers), ok_workers
+    assert all(v >= 1 for kind, v in by_role["check_workers"] if kind == "ok")
     print(f"{n} threads done in {elapsed:.1f} s; broadcasts ok/unavailable: "
           f"{sum(k == 'ok' for r in ('workers', 'check_workers') for k, _ in by_role[r])}/"
           f"{sum(k == 'unavailable' for r in ('workers', 'check_workers') for k, _ in by_role[r])}")
