@@ -83,19 +83,27 @@ class Diagnostics:
             self._first.wait(self.first_wait)
         return self._snapshot
 
+    def _unusable(self, snap: Snapshot | None) -> str | None:
+        """Why ``snap`` must not be answered from (none yet, or too old), else None."""
+        if snap is None:
+            return ("no diagnostics snapshot yet (the first refresh has not finished within "
+                    f"{self.first_wait:g}s)")
+        age = snap.age()
+        if age > self.stale_after:
+            return (f"the diagnostics snapshot is {age:.1f}s old (more than "
+                    f"{self.stale_after:g}s): its refresher is stuck")
+        return None
+
     def readiness(self) -> tuple[dict[str, Any], int]:
         """(body, status) of /readyz from the snapshot."""
         snap = self.current()
-        if snap is None:
-            return {"status": "unavailable", "failed": "snapshot",
-                    "checks": {"snapshot": "no diagnostics snapshot yet (the first refresh "
-                               f"has not finished within {self.first_wait:g}s)"}}, 503
+        why = self._unusable(snap)
+        if why is not None:
+            body = {"status": "unavailable", "failed": "snapshot", "checks": {"snapshot": why}}
+            if snap is not None:
+                body["age_s"] = round(snap.age(), 2)
+            return body, 503
         age = round(snap.age(), 2)
-        if age > self.stale_after:
-            return {"status": "unavailable", "failed": "snapshot",
-                    "checks": {"snapshot": f"the diagnostics snapshot is {age:.1f}s old (more "
-                               f"than {self.stale_after:g}s): its refresher is stuck"},
-                    "age_s": age}, 503
         if snap.failed is not None:
             return {"status": "unavailable", "failed": snap.failed, "checks": dict(snap.checks),
                     "age_s": age}, 503
@@ -105,23 +113,19 @@ class Diagnostics:
         """(workers, age) of the snapshot; Unavailable when the last refresh could not
         broadcast to them (or there is no fresh snapshot)."""
         snap = self.current()
-        if snap is None:
-            raise Unavailable("no diagnostics snapshot yet")
-        age = round(snap.age(), 2)
-        if age > self.stale_after:
-            raise Unavailable(f"the diagnostics snapshot is {age:.1f}s old: its refresher is stuck")
+        why = self._unusable(snap)
+        if why is not None:
+            raise Unavailable(why)
         if snap.workers is None:
             raise Unavailable(snap.workers_error or "the workers could not be asked")
-        return list(snap.workers), age
+        return list(snap.workers), round(snap.age(), 2)
 
     def queue_depth(self) -> int | None:
         """The snapshot's queue depth; None (unknown) without a fresh snapshot. Never waits:
         a scrape is answered at once."""
         self.start()
         snap = self._snapshot
-        if snap is None or snap.age() > self.stale_after:
-            return None
-        return snap.queue_depth
+        return None if self._unusable(snap) is not None else snap.queue_depth
 
     # --- the refresher --------------------------------------------------------------------
 
